@@ -1,0 +1,6 @@
+"""``python -m mailrelay`` is the ``relay`` command."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""E-MailRelay's command-line options: one table drives the click options, the E-MailRelay
+options-file reader and the mapping onto ``relay.conf`` keys.
+
+Later issues add rows (forwarding, filters, TLS, AUTH, POP, admin); each row says how its value
+lands in the raw configuration, so the command line always overrides the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from ..config.loader import ConfigError
+
+Kind = Literal["flag", "value", "count", "multi"]
+Apply = Callable[[dict[str, Any], Any], None]
+
+
+def _set(section: str, key: str, transform: Callable[[Any], Any] = lambda v: v) -> Apply:
+    def apply(raw: dict[str, Any], value: Any) -> None:
+        raw.setdefault(section, {})[key] = transform(value)
+    return apply
+
+
+def _split_list(values: Any) -> list[str]:
+    out: list[str] = []
+    for v in values if isinstance(values, (list, tuple)) else [values]:
+        out += [p.strip() for p in str(v).split(",") if p.strip()]
+    return out
+
+
+def _as_server(raw: dict[str, Any], value: Any) -> None:
+    raw.setdefault("log", {}).update(enabled=True, close_stderr=True)
+
+
+# --server-smtp-config keywords and the [smtp] key each one sets.
+SMTP_CONFIG_KEYWORDS = {
+    "pipelining": "pipelining", "smtputf8": "smtputf8", "smtputf8strict": "smtputf8_strict",
+    "strictparsing": "strict_parsing",
+}
+SMTP_CONFIG_IGNORED = {"alabels", "linger"}  # accepted for compatibility; no effect here
+
+
+def parse_smtp_config(values: Any) -> dict[str, bool]:
+    """``+pipelining,-smtputf8,nostrictparsing`` to ``{key: bool}`` (E-MailRelay's forms:
+    ``x``, ``+x``, ``with-x`` on; ``-x``, ``nox``, ``without-x`` off)."""
+    result: dict[str, bool] = {}
+    for item in _split_list(values):
+        word, on = item.lower(), True
+        for prefix, state in (("+", True), ("with-", True), ("-", False), ("without-", False)):
+            if word.startswith(prefix):
+                word, on = word[len(prefix):], state
+                break
+        else:
+            if word.startswith("no") and (word[2:] in SMTP_CONFIG_KEYWORDS or word[2:] in SMTP_CONFIG_IGNORED
+                                          or word[2:] == "chunking"):
+                word, on = word[2:], False
+        if word in SMTP_CONFIG_IGNORED:
+            continue
+        if word == "chunking":
+            if on:
+                raise ConfigError("--server-smtp-config: chunking (BDAT) is not supported by this relay")
+            continue
+        if word not in SMTP_CONFIG_KEYWORDS:
+            known = ", ".join(sorted([*SMTP_CONFIG_KEYWORDS, "chunking", *SMTP_CONFIG_IGNORED]))
+            raise ConfigError(f"--server-smtp-config: unknown keyword {item!r} (known: {known})")
+        result[SMTP_CONFIG_KEYWORDS[word]] = on
+    return result
+
+
+def _smtp_config(raw: dict[str, Any], value: Any) -> None:
+    raw.setdefault("smtp", {}).update(parse_smtp_config(value))
+
+
+@dataclass(frozen=True)
+class Option:
+    long: str
+    short: str | None
+    kind: Kind
+    apply: Apply | None
+    help: str
+    metavar: str = ""
+
+    @property
+    def dest(self) -> str:
+        return self.long.replace("-", "_")
+
+
+OPTIONS: list[Option] = [
+    Option("port", "p", "value", _set("smtp", "port", int), "SMTP listening port (default 2525)", "PORT"),
+    Option("interface", "I", "multi", _set("smtp", "interface", _split_list),
+           "listening addresses or interface names, comma-separated; smtp=ADDR limits one to SMTP",
+           "ADDRESS-LIST"),
+    Option("spool-dir", "s", "value", _set("spool", "dir"), "spool directory", "DIR"),
+    Option("domain", "D", "value", _set("server", "domain"),
+           "domain name for the greeting, EHLO reply and Received: headers", "FQDN"),
+    Option("remote-clients", "r", "flag", _set("smtp", "remote_clients"),
+           "accept connections from non-loopback addresses"),
+    Option("size", "M", "value", _set("smtp", "size", int), "maximum message size in octets (0: no limit)",
+           "BYTES"),
+    Option("no-daemon", "t", "flag", lambda raw, v: raw.setdefault("server", {}).update(daemon=False),
+           "run in the foreground"),
+    Option("as-server", "d", "flag", _as_server, "run as a storage daemon (--log --close-stderr)"),
+    Option("log", "l", "flag", _set("log", "enabled"), "log to stderr and syslog"),
+    Option("verbose", "v", "count", _set("log", "verbose"), "more logging (repeatable)"),
+    Option("log-file", "N", "value", _set("log", "file"), "log to FILE instead of stderr (%d: date)", "FILE"),
+    Option("log-time", "L", "flag", _set("log", "time"), "add a timestamp to each log line"),
+    Option("no-syslog", "n", "flag", lambda raw, v: raw.setdefault("log", {}).update(syslog=False),
+           "do not log to syslog"),
+    Option("close-stderr", "e", "flag", _set("log", "close_stderr"), "close stderr after start-up"),
+    Option("pid-file", "i", "value", _set("server", "pid_file"), "write the process id to FILE", "FILE"),
+    Option("idle-timeout", None, "value", _set("smtp", "idle_timeout", float),
+           "seconds a client may stay silent (default 300)", "SECONDS"),
+    Option("prompt-timeout", "w", "value", _set("client", "prompt_timeout", float),
+           "seconds to wait for the next hop's greeting (default 20)", "SECONDS"),
+    Option("server-smtp-config", "Z", "multi", _smtp_config,
+           "SMTP server features: [+|-]pipelining, smtputf8, smtputf8strict, strictparsing", "CONFIG"),
+    Option("no-smtp", "X", "flag", lambda raw, v: raw.setdefault("smtp", {}).update(enabled=False),
+           "do not run the SMTP server"),
+    Option("plugins", None, "multi", _set("plugins", "enable", _split_list),
+           "enable plugins by name, in this order (comma-separated)", "NAMES"),
+]
+
+BY_LONG = {o.long: o for o in OPTIONS}
+BY_SHORT = {o.short: o for o in OPTIONS if o.short}
+
+
+def apply_options(raw: dict[str, Any], given: dict[str, Any]) -> None:
+    """Apply option values given on the command line (``{dest: value}``) onto ``raw``."""
+    for option in OPTIONS:
+        value = given.get(option.dest)
+        if value in (None, False, 0, ()) or option.apply is None:
+            continue
+        option.apply(raw, value)

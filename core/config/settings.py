@@ -1,0 +1,226 @@
+"""Typed settings: the configuration parsed and validated once, at start-up.
+
+Each core section of ``relay.conf`` is a dataclass here; plugins declare theirs through the
+``relay_config_schema`` hook and get them validated by the same code (:func:`build_section`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from .loader import ConfigError, Sources
+
+
+def default_spool_dir() -> str:
+    """Per-user data directory: ``$XDG_DATA_HOME/mailrelay/spool`` or ``~/.local/share/...``."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "mailrelay", "spool")
+
+
+@dataclass
+class ServerSettings:
+    """Process-wide settings."""
+
+    domain: str = ""             # --domain; default: this host's fully qualified name
+    daemon: bool = True          # --no-daemon sets false
+    pid_file: str = ""           # --pid-file
+    workers: int = 1             # reserved for SO_REUSEPORT scale-out
+
+    def effective_domain(self) -> str:
+        return self.domain or socket.getfqdn()
+
+
+@dataclass
+class SmtpSettings:
+    """The SMTP server (E-MailRelay's server options plus RFC 5321 limits)."""
+
+    enabled: bool = True         # --no-smtp sets false
+    port: int = 2525             # --port
+    interface: list[str] = field(default_factory=list)  # --interface; empty: loopback (or any with remote_clients)
+    remote_clients: bool = False  # --remote-clients
+    size: int = 52_428_800       # --size in octets; 0 = no limit
+    idle_timeout: float = 300.0  # --idle-timeout; RFC 5321 4.5.3.2.7: at least 5 minutes
+    max_recipients: int = 100    # RFC 5321 4.5.3.1.8: at least 100 must be accepted
+    max_hops: int = 100          # more Received: headers than this is a mail loop
+    pipelining: bool = True      # --server-smtp-config keywords
+    smtputf8: bool = True
+    smtputf8_strict: bool = False
+    strict_parsing: bool = True
+    shutdown_grace: float = 10.0  # seconds in-flight commands get to finish on SIGTERM
+
+
+@dataclass
+class SpoolSettings:
+    dir: str = field(default_factory=default_spool_dir)  # --spool-dir
+    durability: Literal["fsync", "none"] = "fsync"
+    sync_method: Literal["syncfs", "fsync"] = "syncfs"
+
+
+@dataclass
+class LogSettings:
+    enabled: bool = False        # --log: info-level logging (otherwise warnings and errors only)
+    verbose: int = 0             # --verbose (repeatable)
+    file: str = ""               # --log-file; %d is replaced by the date (YYYYMMDD)
+    syslog: bool = True          # --no-syslog sets false; used only with --log
+    close_stderr: bool = False   # --close-stderr (implied by --as-server)
+    time: bool = False           # --log-time
+    format: Literal["text", "json"] = "text"
+
+
+@dataclass
+class ClientSettings:
+    prompt_timeout: float = 20.0  # --prompt-timeout: wait for the next hop's 220
+
+
+@dataclass
+class DnsSettings:
+    nameservers: list[str] = field(default_factory=list)  # "addr" or "addr:port"; empty = system's
+    timeout: float = 5.0
+    attempts: int = 2
+
+
+@dataclass
+class PluginsSettings:
+    enable: list[str] = field(default_factory=list)
+    hook_timeout: float = 30.0
+
+
+@dataclass
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    spool: SpoolSettings = field(default_factory=SpoolSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    client: ClientSettings = field(default_factory=ClientSettings)
+    dns: DnsSettings = field(default_factory=DnsSettings)
+    plugins: PluginsSettings = field(default_factory=PluginsSettings)
+    #: validated plugin sections, by section name
+    extra: dict[str, Any] = field(default_factory=dict)
+    config_file: str = ""
+
+
+CORE_SECTIONS: dict[str, type] = {f.name: f.default_factory().__class__  # type: ignore[misc]
+                                  for f in dataclasses.fields(Settings)
+                                  if f.name not in ("extra", "config_file")}
+
+_RANGES: dict[str, tuple[float, float]] = {
+    "smtp.port": (1, 65535), "smtp.size": (0, 2**40), "smtp.idle_timeout": (1, 86400),
+    "smtp.max_recipients": (1, 100000), "smtp.max_hops": (1, 1000), "smtp.shutdown_grace": (0, 3600),
+    "server.workers": (1, 256), "client.prompt_timeout": (0, 3600), "dns.timeout": (0.1, 300),
+    "dns.attempts": (1, 10), "plugins.hook_timeout": (0.1, 3600), "log.verbose": (0, 5),
+}
+
+
+def build_settings(raw: dict[str, Any], sources: Sources, plugin_schemas: dict[str, type],
+                   warnings: list[str] | None = None) -> Settings:
+    """Validate the merged raw configuration into :class:`Settings`."""
+    settings = Settings()
+    for name, value in raw.items():
+        if name in CORE_SECTIONS:
+            setattr(settings, name, build_section(CORE_SECTIONS[name], value, name, sources))
+        elif name in plugin_schemas:
+            settings.extra[name] = build_section(plugin_schemas[name], value, name, sources)
+        elif isinstance(value, dict):
+            if warnings is not None:
+                where = sources.where(name)
+                warnings.append(f"{where + ': ' if where else ''}[{name}]: no enabled plugin declares "
+                                "this section; it is ignored")
+        else:
+            raise ConfigError(f"{sources.describe(name)}: unknown top-level key (settings belong in a "
+                              f"[section]; known sections: {', '.join(sorted(CORE_SECTIONS))})")
+    for name, schema in plugin_schemas.items():
+        settings.extra.setdefault(name, build_section(schema, {}, name, sources))
+    _check_cross_field(settings)
+    return settings
+
+
+def build_section(cls: type, data: Any, section: str, sources: Sources) -> Any:
+    """Validate one ``[section]`` table against dataclass ``cls``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{sources.describe(section)}: expected a [{section}] table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{section}.{key}"
+        if key not in fields:
+            raise ConfigError(f"{sources.describe(dotted)}: unknown key (known: "
+                              f"{', '.join(sorted(fields))})")
+        values[key] = _coerce(value, hints[key], dotted, sources)
+        lo_hi = _RANGES.get(dotted)
+        if lo_hi and not lo_hi[0] <= values[key] <= lo_hi[1]:
+            raise ConfigError(f"{sources.describe(dotted)}: {value!r} is out of range "
+                              f"{lo_hi[0]:g}..{lo_hi[1]:g}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, dotted: str, sources: Sources) -> Any:
+    origin = get_origin(hint)
+    bad = f"{sources.describe(dotted)}: "
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise ConfigError(bad + f"{value!r} is not one of {', '.join(repr(c) for c in choices)}")
+        return value
+    if origin in (list, typing.List):
+        (item,) = get_args(hint) or (Any,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(bad + f"expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item, dotted, sources) for v in value]
+    if origin in (dict, typing.Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(bad + f"expected a table, got {value!r}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in get_args(hint):
+            return None
+        hint = next(a for a in get_args(hint) if a is not type(None))
+        return _coerce(value, hint, dotted, sources)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _YES | _NO:
+            return value.lower() in _YES
+        raise ConfigError(bad + f"expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(bad + f"expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(bad + f"expected an integer, got {value!r}") from None
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(bad + f"expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(bad + f"expected a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(bad + f"expected text, got {value!r}")
+        return str(value)
+    return value
+
+
+_YES = {"y", "yes", "t", "true", "1", "on"}
+_NO = {"n", "no", "f", "false", "0", "off"}
+
+
+def _check_cross_field(settings: Settings) -> None:
+    for ns in settings.dns.nameservers:
+        from ..dns import parse_nameserver  # local import: dns imports dnspython
+        parse_nameserver(ns)
+    if settings.smtp.size and settings.smtp.size < 1024:
+        raise ConfigError(f"[smtp] size: {settings.smtp.size} is too small to hold a message "
+                          "(0 means no limit)")
+    settings.spool.dir = str(Path(settings.spool.dir).expanduser())

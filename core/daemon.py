@@ -1,0 +1,151 @@
+"""Running the relay as a process: detaching like E-MailRelay, the pid file, signals, the event loop.
+
+Start-up order follows E-MailRelay: bind the listening sockets and check the spool directory
+*before* detaching (so "address in use" reaches the shell as exit code 2), fork twice, write the
+pid file from the final process, then run. The first parent waits for the daemon to report that
+it is serving (or why it is not) before it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Callable, TextIO
+
+from . import __version__, logs
+from .config.settings import Settings
+from .net import BindError
+from .plugin_host import PluginHost
+from .relay import Relay
+
+log = logging.getLogger("mailrelay")
+
+EXIT_OK, EXIT_ERROR, EXIT_BIND = 0, 1, 2
+
+
+def _absolute_paths(settings: Settings) -> None:
+    # The daemon changes directory to "/": resolve relative paths against the start directory.
+    settings.spool.dir = os.path.abspath(settings.spool.dir)
+    if settings.server.pid_file:
+        settings.server.pid_file = os.path.abspath(settings.server.pid_file)
+    if settings.log.file:
+        settings.log.file = os.path.abspath(settings.log.file)
+
+
+def _check_spool_dir(path: str) -> None:
+    os.makedirs(path, mode=0o770, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"spool directory {path} is not writable")
+
+
+def banner(relay: Relay, pid: int) -> str:
+    listen = ", ".join(relay.smtp_addresses) or "(SMTP disabled)"
+    return (f"mailrelay {__version__}: SMTP on {listen}; spool {relay.spool.directory}; pid {pid}"
+            f" (stop with: kill {pid})")
+
+
+def run(settings: Settings, plugins: PluginHost, out: TextIO = sys.stdout) -> int:
+    """Run until SIGTERM/SIGINT; return the process exit code."""
+    _absolute_paths(settings)
+    logs.configure(settings.log)
+    relay = Relay(settings, plugins)
+    try:
+        _check_spool_dir(settings.spool.dir)
+        relay.bind()
+    except BindError as e:
+        print(f"relay: error: {e.strerror}", file=sys.stderr)
+        return EXIT_BIND
+    except (OSError, ValueError) as e:
+        print(f"relay: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    if not settings.server.daemon:
+        return _serve(relay, settings, report=lambda msg: print(msg, file=out, flush=True))
+    return _detach_and_serve(relay, settings, out)
+
+
+def _detach_and_serve(relay: Relay, settings: Settings, out: TextIO) -> int:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_fd, write_fd = os.pipe()
+    if os.fork() > 0:  # the starting process: wait for the daemon's word
+        os.close(write_fd)
+        relay.close_sockets()
+        with os.fdopen(read_fd, "r") as pipe:
+            status = pipe.read()
+        if status.startswith("ok "):
+            print(status[3:].strip(), file=out, flush=True)
+            return EXIT_OK
+        print(f"relay: error: {status.strip() or 'the daemon exited during start-up'}", file=sys.stderr)
+        return EXIT_ERROR
+    os.close(read_fd)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    logs.configure(settings.log)  # re-open handlers in this process (syslog socket, files)
+    reporter = os.fdopen(write_fd, "w")
+
+    def report(message: str) -> None:
+        reporter.write(message)
+        reporter.close()
+        if settings.log.close_stderr:
+            fd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(fd, 2)
+            os.close(fd)
+
+    code = _serve(relay, settings, report=lambda msg: report("ok " + msg), on_error=report)
+    os._exit(code)
+
+
+def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        import uvloop  # optional extra: mailrelay[speed]
+    except ImportError:
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+def _serve(relay: Relay, settings: Settings, report: Callable[[str], None],
+           on_error: Callable[[str], None] | None = None) -> int:
+    with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+        return runner.run(_main(relay, settings, report, on_error))
+
+
+async def _main(relay: Relay, settings: Settings, report: Callable[[str], None],
+                on_error: Callable[[str], None] | None) -> int:
+    loop = asyncio.get_running_loop()
+    try:
+        await relay.start()
+    except Exception as e:
+        log.error("start-up failed: %s", e)
+        if on_error is not None:
+            on_error(str(e))
+        else:
+            print(f"relay: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    pid_file = settings.server.pid_file
+    if pid_file:
+        Path(pid_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(pid_file).write_text(f"{os.getpid()}\n")
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
+    report(banner(relay, os.getpid()))
+    await stop.wait()
+    log.info("signal received: shutting down")
+    await relay.stop()
+    if pid_file:
+        try:
+            os.unlink(pid_file)
+        except OSError:
+            pass
+    return EXIT_OK

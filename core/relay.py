@@ -1,0 +1,145 @@
+"""The relay: wires settings, plugins, spool, resolver and listeners, and runs them.
+
+Embedders and the SDK's test harness use :class:`Relay` directly; the CLI adds daemonising,
+the pid file and signals around it (``mailrelay.daemon``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from typing import Any
+
+import dns.asyncresolver
+
+from . import net
+from .config.settings import Settings
+from .dns import make_resolver
+from .plugin_host import HookCaller, PluginHost
+from .smtp.reception import Reception
+from .smtp.server import SmtpServer
+from .spool import Spool
+from .types import Event
+
+log = logging.getLogger("mailrelay")
+
+
+class Relay:
+    """One relay instance. Life cycle: ``bind()`` (may be before a fork), ``start()``, ``stop()``."""
+
+    def __init__(self, settings: Settings, plugins: PluginHost):
+        self.settings = settings
+        self.plugins = plugins
+        self.hooks = HookCaller(plugins, timeout=settings.plugins.hook_timeout)
+        self.domain = settings.server.effective_domain()
+        self.spool = Spool(settings.spool.dir, durable=settings.spool.durability == "fsync",
+                           sync_method=settings.spool.sync_method)
+        self.resolver: dns.asyncresolver.Resolver = make_resolver(settings.dns)
+        self.smtp_sockets: list[socket.socket] = []
+        self.smtp: SmtpServer | None = None
+        self.listeners: list[Any] = []
+        self._started = False
+        self._stopped = asyncio.Event() if _has_loop() else None
+
+    # ---------------------------------------------------------------- set-up
+    def bind(self) -> None:
+        """Bind the SMTP sockets (before daemonising, so errors reach the caller)."""
+        if not self.settings.smtp.enabled or self.smtp_sockets:
+            return
+        smtp = self.settings.smtp
+        addresses = net.addresses_for("smtp", smtp.interface, any_default=smtp.remote_clients)
+        for address in addresses:
+            try:
+                self.smtp_sockets.append(net.bind(address, smtp.port))
+            except net.BindError as e:
+                # The implicit "::" of the any-address default may not exist on an IPv4-only host.
+                if not smtp.interface and address == "::" and e.errno in (errno.EAFNOSUPPORT,
+                                                                        errno.EADDRNOTAVAIL):
+                    continue
+                self.close_sockets()
+                raise
+
+    def close_sockets(self) -> None:
+        for sock in self.smtp_sockets:
+            sock.close()
+        self.smtp_sockets.clear()
+
+    def plugin_settings(self, section: str) -> Any:
+        """The validated settings object a plugin declared with ``relay_config_schema``."""
+        return self.settings.extra[section]
+
+    @property
+    def smtp_addresses(self) -> list[str]:
+        return [net.describe(s) for s in self.smtp_sockets]
+
+    @property
+    def smtp_port(self) -> int:
+        """The bound SMTP port (useful when configured as 0 in tests)."""
+        return self.smtp_sockets[0].getsockname()[1] if self.smtp_sockets else 0
+
+    def emit(self, name: str, **data: Any) -> None:
+        """Publish an event to ``on_event`` observers (plugins use this too)."""
+        self.hooks.emit(Event(name, message_id=str(data.pop("message_id", "")), data=data))
+
+    # ---------------------------------------------------------------- running
+    async def start(self) -> None:
+        """Open the spool, run start-up hooks, start listeners. Raises on any failure."""
+        if self._stopped is None:
+            self._stopped = asyncio.Event()
+        self.bind()
+        self.spool.open()
+        try:
+            self.spool.sweep_orphans()
+            await self.hooks.each("relay_startup", relay=self)
+            for result in await self.hooks.each("relay_listeners", relay=self):
+                for listener in result if isinstance(result, (list, tuple)) else [result]:
+                    await listener.start()
+                    self.listeners.append(listener)
+            if self.smtp_sockets:
+                self.smtp = SmtpServer(Reception(self), self.settings.smtp, self.domain, self.smtp_sockets)
+                await self.smtp.start()
+        except BaseException:
+            self.spool.close()
+            raise
+        self._started = True
+        self.emit("started", smtp=self.smtp_addresses, spool=str(self.spool.directory))
+        log.info("relay started smtp=%s spool=%s plugins=%s durability=%s", ",".join(self.smtp_addresses),
+                 self.spool.directory, ",".join(self.plugins.order) or "-", self.spool.sync_method)
+
+    async def stop(self) -> None:
+        """Graceful shutdown: 421 to sessions, listeners closed, hooks told, spool flushed."""
+        if not self._started:
+            return
+        self._started = False
+        if self.smtp is not None:
+            await self.smtp.stop(self.settings.smtp.shutdown_grace)
+        for listener in reversed(self.listeners):
+            try:
+                await listener.stop()
+            except Exception:
+                log.exception("listener %r failed to stop cleanly", listener)
+        self.listeners.clear()
+        try:
+            await self.hooks.each("relay_shutdown", relay=self)
+        except Exception:
+            log.exception("a plugin failed in relay_shutdown")
+        await self.hooks.drain_observers()
+        self.spool.close()
+        self.close_sockets()
+        log.info("relay stopped")
+        assert self._stopped is not None
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        assert self._stopped is not None
+        await self._stopped.wait()
+
+
+def _has_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False

@@ -1,0 +1,374 @@
+"""The SMTP wire protocol: aiosmtpd's server, tightened where a relay on port 25 needs it.
+
+aiosmtpd provides the connection, the command loop, STARTTLS and AUTH plumbing. This subclass
+replaces the commands whose behaviour a relay must control: EHLO (PIPELINING, ENHANCEDSTATUSCODES),
+MAIL (null reverse-path, SIZE, BODY, SMTPUTF8), RCPT (100-recipient limit) and DATA (a reader
+that only ever ends at CRLF.CRLF, enforces SIZE and the 1000-octet line limit, and is fast).
+Every decision is delegated to :class:`~mailrelay.smtp.reception.Reception`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from aiosmtpd.smtp import SMTP
+
+from ..types import Action, Recipient, Session, Transaction, Verdict
+from .addresses import AddressError, parse_command_path
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config.settings import SmtpSettings
+    from .reception import Reception
+    from .server import SmtpServer
+
+log = logging.getLogger("mailrelay.smtp")
+
+COMMAND_LINE_LIMIT = 510      # RFC 5321 4.5.3.1.4: 512 octets including CRLF
+TEXT_LINE_LIMIT = 998         # RFC 5321 4.5.3.1.6: 1000 octets including CRLF
+MAIL_EXTENSION_ALLOWANCE = 26 + 10 + 14 + 500  # SIZE, SMTPUTF8, BODY, AUTH= (RFC 1870, 6531, 4954)
+AUTH_LINE_LIMIT = 12288       # RFC 4954 4: AUTH initial responses may be long
+DATA_END = b"\r\n.\r\n"
+READ_CHUNK = 65536
+SHUTDOWN_REPLY = "421 4.3.2 Service shutting down, try again later"
+
+
+class _NoHandler:
+    """aiosmtpd wants a handler object; every command it would pass on is overridden here."""
+
+
+class RelaySMTP(SMTP):
+    """One client connection."""
+
+    def __init__(self, reception: Reception, settings: SmtpSettings, server: SmtpServer, *,
+                 hostname: str, **kwargs: Any):
+        super().__init__(
+            _NoHandler(),
+            data_size_limit=settings.size or None,
+            enable_SMTPUTF8=settings.smtputf8,
+            hostname=hostname,
+            ident="ESMTP mailrelay",
+            timeout=settings.idle_timeout,
+            auth_exclude_mechanism=["LOGIN", "PLAIN"],  # AUTH arrives with the security plugins
+            loop=asyncio.get_running_loop(),
+            **kwargs,
+        )
+        self.reception = reception
+        self.settings = settings
+        self.server = server
+        # aiosmtpd keeps these limits in a class-level dict that every EHLO grows; ours are fixed.
+        self.command_size_limit = COMMAND_LINE_LIMIT
+        self.command_size_limits = collections.defaultdict(
+            lambda: COMMAND_LINE_LIMIT,
+            {"MAIL": COMMAND_LINE_LIMIT + MAIL_EXTENSION_ALLOWANCE,
+             "RCPT": COMMAND_LINE_LIMIT + MAIL_EXTENSION_ALLOWANCE, "AUTH": AUTH_LINE_LIMIT})
+        self._smtp_methods = {name: self._tracked(method) for name, method in self._smtp_methods.items()}
+        self.relay_session: Session | None = None
+        self.transaction: Transaction | None = None
+        self._busy = False
+        self._closing = False
+        self._greeted = False
+
+    # ---------------------------------------------------------------- connection lifecycle
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        starting = self.transport is None
+        super().connection_made(transport)
+        if starting:
+            peer = transport.get_extra_info("peername") or ("", 0)
+            sock = transport.get_extra_info("sockname") or ("", 0)
+            if isinstance(peer, str):  # a Unix socket
+                peer = ("", 0)
+            self.relay_session = Session(peer_ip=str(peer[0]), peer_port=int(peer[1] or 0),
+                                         local_ip=str(sock[0]) if isinstance(sock, tuple) else "",
+                                         local_port=int(sock[1]) if isinstance(sock, tuple) else 0)
+            self.server.session_started(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.server.session_ended(self)
+        super().connection_lost(error)
+
+    def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super()._cb_client_connected(reader, writer)
+        # RFC 5321 2.3.8: only CRLF ends a line. aiosmtpd reads commands up to a bare LF; make
+        # the command reader's default separator CRLF (DATA already asks for CRLF explicitly).
+        plain_readuntil = reader.readuntil
+
+        def readuntil(separator: bytes = b"\r\n") -> Awaitable[bytes]:
+            return plain_readuntil(separator)
+
+        reader.readuntil = readuntil  # type: ignore[method-assign]
+
+    async def push(self, status: Any) -> None:
+        # The first reply is the 220 greeting; on_connect runs just before it, after any PROXY
+        # header has been read, so plugins see the real client address.
+        if not self._greeted:
+            self._greeted = True
+            verdict = await self.reception.connect(self.relay_session)  # type: ignore[arg-type]
+            if not verdict.accepted:
+                code = verdict.code if verdict.action is Action.DENY else 421
+                enhanced = verdict.enhanced if verdict.action is Action.DENY else "4.7.0"
+                await super().push(f"{code} {enhanced} {verdict.text}")
+                self._close()
+                return
+        await super().push(status)
+
+    def _tracked(self, method: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+        async def run(arg: Any) -> None:
+            self._busy = True
+            try:
+                await method(arg)
+            finally:
+                self._busy = False
+                if self._closing and self.transport is not None:
+                    await self._goodbye()
+        return run
+
+    def begin_shutdown(self) -> None:
+        """Server is stopping: an idle session gets 421 now, a busy one after its current command."""
+        self._closing = True
+        if not self._busy and self.transport is not None:
+            asyncio.get_running_loop().create_task(self._goodbye())
+
+    async def _goodbye(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        try:
+            self._writer.write(SHUTDOWN_REPLY.encode() + b"\r\n")
+            await asyncio.wait_for(self._writer.drain(), 2)
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+        self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        # RFC 5321 4.5.3.2: tell the client why before closing an idle connection.
+        if self.transport is not None and not self.transport.is_closing():
+            self._writer.write(b"421 4.4.2 Idle timeout, closing connection\r\n")
+        super()._timeout_cb()
+
+    async def _reply(self, verdict: Verdict, ok: str) -> bool:
+        """Send ``ok`` (or an OK verdict's own text) when accepted, else the verdict's reply."""
+        if verdict.accepted:
+            custom = verdict.action is Action.OK and verdict.text != "OK"
+            await self.push(verdict.reply() if custom else ok)
+            return True
+        await self.push(verdict.reply())
+        if verdict.action is Action.DISCONNECT:
+            self._close()
+        return False
+
+    # ---------------------------------------------------------------- greeting commands
+    async def smtp_EHLO(self, hostname: str | None) -> None:
+        await self._helo(hostname, esmtp=True)
+
+    async def smtp_HELO(self, hostname: str | None) -> None:
+        await self._helo(hostname, esmtp=False)
+
+    async def _helo(self, hostname: str | None, *, esmtp: bool) -> None:
+        name = "EHLO" if esmtp else "HELO"
+        if not hostname:
+            await self.push(f"501 5.5.4 Syntax: {name} hostname")
+            return
+        session = self.relay_session
+        assert session is not None
+        self.transaction = None  # RFC 5321 4.1.4: EHLO/HELO reset the transaction
+        verdict = await self.reception.helo(session, hostname)
+        if not verdict.accepted:
+            await self._reply(verdict, "")
+            return
+        session.helo, session.esmtp = hostname, esmtp
+        self.session.host_name = hostname
+        self.session.extended_smtp = esmtp
+        if not esmtp:
+            await self.push(f"250 {self.hostname}")
+            return
+        lines = [f"{self.hostname} greets {hostname}"]
+        if self.settings.pipelining:
+            lines.append("PIPELINING")
+        lines.append(f"SIZE {self.settings.size}" if self.settings.size else "SIZE")
+        lines.append("8BITMIME")
+        if self.settings.smtputf8:
+            lines.append("SMTPUTF8")
+        lines.append("ENHANCEDSTATUSCODES")
+        if self.tls_context and not self._tls_protocol:
+            lines.append("STARTTLS")
+        mechanisms = sorted(self._auth_methods)
+        if mechanisms and (not self._auth_require_tls or self._tls_protocol):
+            lines.append("AUTH " + " ".join(mechanisms))
+        lines.append("HELP")
+        await self.push("\r\n".join(f"250{'-' if i < len(lines) - 1 else ' '}{line}"
+                                    for i, line in enumerate(lines)))
+
+    async def _need_helo(self) -> bool:
+        if not self.session.host_name:
+            await self.push("503 5.5.1 Send HELO or EHLO first")
+            return True
+        return False
+
+    # ---------------------------------------------------------------- transaction commands
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self._need_helo():
+            return
+        if self.transaction is not None:
+            await self.push("503 5.5.1 Nested MAIL command")
+            return
+        try:
+            path = parse_command_path(arg, "FROM:", strict=self.settings.strict_parsing, allow_null=True)
+        except AddressError as e:
+            await self.push(e.reply)
+            return
+        if path.params and not self.session.extended_smtp:
+            await self.push("501 5.5.4 Parameters need EHLO")
+            return
+        params = dict(path.params)
+        transaction = Transaction(sender=path.address)
+        body = params.pop("BODY", None)
+        if body is not None:
+            if body.upper() not in ("7BIT", "8BITMIME"):
+                await self.push("501 5.5.4 BODY must be 7BIT or 8BITMIME")
+                return
+            transaction.body = "7bit" if body.upper() == "7BIT" else "8bit"
+        if "SMTPUTF8" in params:
+            if params.pop("SMTPUTF8") is not None or not self.settings.smtputf8:
+                await self.push("555 5.5.4 SMTPUTF8 is not available or takes no value")
+                return
+            transaction.smtputf8 = True
+        size = params.pop("SIZE", None)
+        if size is not None:
+            if not size.isdigit():
+                await self.push("501 5.5.4 SIZE must be a number")
+                return
+            transaction.size_hint = int(size)
+            if self.settings.size and int(size) > self.settings.size:
+                await self.push(f"552 5.3.4 Message size exceeds fixed maximum message size "
+                                f"({self.settings.size} octets)")
+                return
+        auth = params.pop("AUTH", None)
+        if auth is not None and self.relay_session and self.relay_session.auth_user:
+            transaction.auth_param = auth  # RFC 4954 5: kept only for authenticated clients
+        if params:
+            await self.push(f"555 5.5.4 Unsupported MAIL parameter {next(iter(params))}")
+            return
+        if path.non_ascii and not transaction.smtputf8:
+            await self.push("553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter")
+            return
+        verdict = await self.reception.mail_from(self.relay_session, transaction)  # type: ignore[arg-type]
+        if await self._reply(verdict, "250 2.1.0 Sender OK"):
+            self.transaction = transaction
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self._need_helo():
+            return
+        transaction = self.transaction
+        if transaction is None:
+            await self.push("503 5.5.1 Need MAIL before RCPT")
+            return
+        try:
+            path = parse_command_path(arg, "TO:", strict=self.settings.strict_parsing)
+        except AddressError as e:
+            await self.push(e.reply)
+            return
+        if path.params:
+            await self.push(f"555 5.5.4 Unsupported RCPT parameter {next(iter(path.params))}")
+            return
+        if path.non_ascii and not transaction.smtputf8:
+            await self.push("553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter")
+            return
+        if len(transaction.recipients) >= self.settings.max_recipients:
+            await self.push("452 4.5.3 Too many recipients")
+            return
+        recipient = Recipient(path.address)
+        verdict = await self.reception.rcpt_to(self.relay_session, transaction, recipient)  # type: ignore[arg-type]
+        if await self._reply(verdict, "250 2.1.5 Recipient OK"):
+            transaction.recipients.append(verdict.recipient or recipient)
+
+    async def smtp_RSET(self, arg: str | None) -> None:
+        if arg:
+            await self.push("501 5.5.4 Syntax: RSET")
+            return
+        self.transaction = None
+        await self.push("250 2.0.0 OK")
+
+    async def smtp_NOOP(self, arg: str | None) -> None:
+        await self.push("250 2.0.0 OK")
+
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        await self.push("252 2.5.2 Cannot verify the user, but will accept the message")
+
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        if arg:
+            await self.push("501 5.5.4 Syntax: QUIT")
+            return
+        await self.push(f"221 2.0.0 {self.hostname} closing connection")
+        self._close()
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self._need_helo():
+            return
+        transaction = self.transaction
+        if transaction is None:
+            await self.push("503 5.5.1 Need MAIL before DATA")
+            return
+        if not transaction.recipients:
+            await self.push("554 5.5.1 No valid recipients")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        body, problem = await self._read_data()
+        self.transaction = None
+        if body is None:
+            await self.push(problem)
+            return
+        reply = await self.reception.data(self.relay_session, transaction, body)  # type: ignore[arg-type]
+        await self.push(reply)
+
+    async def _read_data(self) -> tuple[bytes | None, str]:
+        """Read up to CRLF.CRLF; return (unstuffed content, "") or (None, error reply).
+
+        Only the exact sequence CRLF "." CRLF ends the data (so ``\\n.\\n``, ``\\r.\\r`` and mixed
+        forms are content, and SMTP smuggling cannot split one message into two). An over-size
+        or over-long message is read to its end and discarded before the error reply, as
+        RFC 5321 4.2.5 implies.
+        """
+        reader = self._reader
+        limit = self.settings.size
+        buf = bytearray(b"\r\n")  # the CRLF that ended the DATA command, so "." on line one ends too
+        scan_from = 0
+        too_big = False
+        received = 0
+        while True:
+            end = buf.find(DATA_END, scan_from)
+            if end >= 0:
+                break
+            chunk = await reader.read(READ_CHUNK)
+            if not chunk:
+                raise ConnectionResetError("connection closed during DATA")
+            received += len(chunk)
+            if limit and not too_big and received > limit + len(DATA_END):
+                too_big = True
+            if too_big:
+                del buf[:-4]  # keep only what could start the end marker
+            scan_from = max(0, len(buf) - 4)
+            buf += chunk
+            self._reset_timeout()
+        leftover = bytes(buf[end + len(DATA_END):])
+        if leftover:
+            # Pipelined commands after the end of data: give them back to the command reader.
+            reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
+        if too_big:
+            return None, f"552 5.3.4 Message size exceeds fixed maximum message size ({limit} octets)"
+        stuffed = bytes(buf[: end + 2])  # leading CRLF + lines, each with its CRLF
+        body = stuffed.replace(b"\r\n.", b"\r\n")[2:]
+        if limit and len(body) > limit:
+            return None, f"552 5.3.4 Message size exceeds fixed maximum message size ({limit} octets)"
+        if len(body) > TEXT_LINE_LIMIT and max(map(len, body.split(b"\r\n"))) > TEXT_LINE_LIMIT:
+            return None, (f"500 5.5.2 Line too long: RFC 5321 limits text lines to 1000 octets "
+                          "including CRLF")
+        return body, ""

@@ -1,0 +1,7 @@
+"""The spool: E-MailRelay-compatible message store with durable group commit."""
+
+from .envelope import Envelope, EnvelopeError, xtext_decode, xtext_encode
+from .store import PendingMessage, Spool, SpoolError, is_valid_id
+
+__all__ = ["Envelope", "EnvelopeError", "PendingMessage", "Spool", "SpoolError", "is_valid_id",
+           "xtext_decode", "xtext_encode"]

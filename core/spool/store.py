@@ -1,0 +1,211 @@
+"""The spool directory: E-MailRelay's message store, made durable with group commit.
+
+``<id>.content`` holds the message; ``<id>.envelope`` its envelope, whose suffix is the state:
+``.new`` (being written or filtered: never forwarded), none (ready), ``.busy`` (being forwarded),
+``.bad`` (failed, ``Reason:`` inside). Ids are ``emailrelay.<pid>.<unix-time>.<seq>`` like
+E-MailRelay's, so its tools and ours can share one spool.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+from .committer import FileWrite, GroupCommitter, Job, SyncMethod, _unlink_quietly
+from .envelope import Envelope
+
+log = logging.getLogger("mailrelay.spool")
+
+State = Literal["new", "ready", "busy", "bad"]
+_SUFFIX: dict[State, str] = {"new": ".envelope.new", "ready": ".envelope", "busy": ".envelope.busy",
+                             "bad": ".envelope.bad"}
+# Anything that names a file in the spool must match this: no path separators, no dot-dot.
+_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}")
+ORPHAN_AGE = 600.0  # seconds before a leftover .new or content-only file is swept at start-up
+
+
+class SpoolError(OSError):
+    """The spool could not store a message; ``temporary`` tells the SMTP reply class."""
+
+    def __init__(self, message: str, *, disk_full: bool = False):
+        super().__init__(message)
+        self.disk_full = disk_full
+
+
+@dataclass(frozen=True)
+class PendingMessage:
+    """A message whose files are written but not yet published (``.envelope.new``)."""
+
+    id: str
+    content_path: Path
+    envelope_path: Path
+
+
+def is_valid_id(text: str) -> bool:
+    """True when ``text`` can only name a file inside the spool (API and CLI input check)."""
+    return bool(_ID_RE.fullmatch(text)) and ".." not in text
+
+
+class Spool:
+    """Writes, commits and lists messages in one spool directory."""
+
+    def __init__(self, directory: str | os.PathLike[str], *, durable: bool = True,
+                 sync_method: SyncMethod = "syncfs"):
+        self.directory = Path(directory)
+        self.durable = durable
+        self._committer = GroupCommitter(str(self.directory), durable=durable, sync_method=sync_method)
+        self._seq = itertools.count(1)
+        self._pid = os.getpid()
+
+    @property
+    def sync_method(self) -> str:
+        return self._committer.sync_method if self.durable else "none"
+
+    # ---------------------------------------------------------------- lifecycle
+    def open(self) -> None:
+        """Create the directory if needed, check it is writable, start the commit worker."""
+        try:
+            self.directory.mkdir(mode=0o770, parents=True, exist_ok=True)
+        except OSError as e:
+            raise SpoolError(f"cannot create spool directory {self.directory}: {e.strerror}") from None
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise SpoolError(f"spool directory {self.directory} is not writable")
+        self._pid = os.getpid()  # after a daemon fork the pid has changed
+        self._committer.start()
+
+    def close(self) -> None:
+        """Finish queued commits and stop the worker."""
+        self._committer.stop()
+
+    def sweep_orphans(self, older_than: float = ORPHAN_AGE) -> int:
+        """Remove what a crash left behind: ``.envelope.new`` files and content without envelope.
+
+        Such messages were never acknowledged. Only files older than ``older_than`` seconds go,
+        so another process sharing the spool keeps its in-flight messages.
+        """
+        cutoff = time.time() - older_than
+        removed = 0
+        names = set(os.listdir(self.directory))
+        for name in names:
+            path = self.directory / name
+            stem = None
+            if name.endswith(".envelope.new"):
+                stem = name[: -len(".envelope.new")]
+            elif name.endswith(".content") and not any(
+                    name[: -len(".content")] + s in names for s in _SUFFIX.values()):
+                stem = name[: -len(".content")]
+            if stem is None:
+                continue
+            try:
+                if path.stat().st_mtime > cutoff:
+                    continue
+            except FileNotFoundError:
+                continue
+            _unlink_quietly(str(path))
+            if name.endswith(".envelope.new"):
+                _unlink_quietly(str(self.directory / (stem + ".content")))
+            removed += 1
+            log.warning("spool: removed unacknowledged leftover %s", name)
+        return removed
+
+    # ---------------------------------------------------------------- writing
+    def new_id(self) -> str:
+        return f"emailrelay.{self._pid}.{int(time.time())}.{next(self._seq)}"
+
+    def content_path(self, message_id: str) -> Path:
+        return self.directory / f"{message_id}.content"
+
+    def envelope_path(self, message_id: str, state: State = "ready") -> Path:
+        return self.directory / f"{message_id}{_SUFFIX[state]}"
+
+    async def write(self, message_id: str, envelope: Envelope, content_parts: list[bytes], *,
+                    commit: bool) -> PendingMessage:
+        """Write content and ``.envelope.new``; with ``commit`` also publish, durably, in one job.
+
+        Without ``commit`` the files are written but not flushed, so server filters can read and
+        edit them; :meth:`commit` or :meth:`abort` follows. ``message_id`` comes from
+        :meth:`new_id` (the Received: header names it before the files exist).
+        """
+        if not is_valid_id(message_id):
+            raise SpoolError(f"invalid spool id {message_id!r}")
+        pending = self._pending(message_id)
+        job = Job(writes=[FileWrite(str(pending.content_path), content_parts),
+                          FileWrite(str(pending.envelope_path), [envelope.to_bytes()])])
+        if commit:
+            job.renames.append((str(pending.envelope_path), str(self.envelope_path(message_id))))
+        try:
+            await self._committer.submit(job)
+        except OSError as e:
+            raise _spool_error("write", e) from None
+        return pending
+
+    async def commit(self, pending: PendingMessage, *, new_content: bytes | None = None,
+                     envelope: Envelope | None = None, state: State = "ready") -> None:
+        """Make a written message durable and publish it (``state`` ``bad`` for quarantine)."""
+        job = Job(renames=[(str(pending.envelope_path), str(self.envelope_path(pending.id, state)))])
+        if new_content is not None:
+            job.writes.append(FileWrite(str(pending.content_path), [new_content], replace=True))
+        else:
+            job.flush.append(str(pending.content_path))
+        if envelope is not None:
+            job.writes.append(FileWrite(str(pending.envelope_path), [envelope.to_bytes()], replace=True))
+        else:
+            job.flush.append(str(pending.envelope_path))
+        try:
+            await self._committer.submit(job)
+        except OSError as e:
+            raise _spool_error("commit", e) from None
+
+    def abort(self, pending: PendingMessage) -> None:
+        """Forget a written-but-unpublished message (rejected, abandoned or failed)."""
+        _unlink_quietly(str(pending.envelope_path))
+        _unlink_quietly(str(pending.content_path))
+
+    def _pending(self, message_id: str) -> PendingMessage:
+        return PendingMessage(message_id, self.content_path(message_id),
+                              self.envelope_path(message_id, "new"))
+
+    # ---------------------------------------------------------------- reading
+    def ids(self, state: State = "ready") -> list[str]:
+        """Message ids in ``state``, oldest name first (E-MailRelay's sorted order)."""
+        suffix = _SUFFIX[state]
+        out = []
+        for name in os.listdir(self.directory):
+            if name.endswith(suffix):
+                stem = name[: -len(suffix)]
+                # ".envelope" is a suffix of nothing else we write, but ".envelope.bad" ends
+                # differently, so a plain suffix test is exact for every state.
+                if is_valid_id(stem):
+                    out.append(stem)
+        return sorted(out)
+
+    def read_envelope(self, message_id: str, state: State = "ready") -> Envelope:
+        if not is_valid_id(message_id):
+            raise FileNotFoundError(message_id)
+        path = self.envelope_path(message_id, state)
+        return Envelope.from_bytes(path.read_bytes(), source=str(path))
+
+    def read_content(self, message_id: str) -> bytes:
+        if not is_valid_id(message_id):
+            raise FileNotFoundError(message_id)
+        return self.content_path(message_id).read_bytes()
+
+    def iter_ready(self) -> Iterator[tuple[str, Envelope]]:
+        for message_id in self.ids("ready"):
+            try:
+                yield message_id, self.read_envelope(message_id)
+            except (OSError, ValueError) as e:
+                log.warning("spool: skipping %s: %s", message_id, e)
+
+
+def _spool_error(what: str, e: OSError) -> SpoolError:
+    disk_full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    log.error("spool %s failed: %s", what, e)
+    return SpoolError(f"spool {what} failed: {e.strerror or e}", disk_full=disk_full)
