@@ -111,7 +111,7 @@ CORE_SECTIONS: dict[str, type] = {f.name: f.default_factory().__class__  # type:
                                   if f.name not in ("extra", "config_file")}
 
 _RANGES: dict[str, tuple[float, float]] = {
-    "smtp.port": (1, 65535), "smtp.size": (0, 2**40), "smtp.idle_timeout": (1, 86400),
+    "smtp.port": (0, 65535), "smtp.size": (0, 2**40), "smtp.idle_timeout": (1, 86400),
     "smtp.max_recipients": (1, 100000), "smtp.max_hops": (1, 1000), "smtp.shutdown_grace": (0, 3600),
     "server.workers": (1, 256), "client.prompt_timeout": (0, 3600), "dns.timeout": (0.1, 300),
     "dns.attempts": (1, 10), "plugins.hook_timeout": (0.1, 3600), "log.verbose": (0, 5),

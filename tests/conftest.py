@@ -1,0 +1,113 @@
+"""Shared fixtures: real relays (in-process or as a `relay` subprocess) on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from mailrelay_sdk.testing import RunningRelay
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 15.0,
+                  host: str = "127.0.0.1") -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"relay exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection((host, port), 0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def require(program: str) -> str:
+    """Path of a real component; a missing one fails loudly (CI installs them all)."""
+    path = shutil.which(program)
+    if path is None:
+        pytest.fail(f"{program} is not installed: run .ci/run (or see README) to install test components")
+    return path
+
+
+class RelayProcess:
+    """`relay` run as a real process, as an operator would."""
+
+    def __init__(self, args: list[str], spool: Path, port: int, log: Path, env: dict[str, str] | None):
+        self.spool, self.port, self.log_path = spool, port, log
+        self._log = open(log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "mailrelay", *args], stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, **(env or {})})
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def relay_process(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
+    """Factory: start `python -m mailrelay --no-daemon ...` on a free port; stopped at teardown."""
+    started: list[RelayProcess] = []
+
+    def start(*extra: str, spool: Path | None = None, port: int | None = None, wait: bool = True,
+              env: dict[str, str] | None = None) -> RelayProcess:
+        spool = spool or tmp_path / f"spool{len(started)}"
+        port = port or free_port()
+        args = ["--no-daemon", "--log", "--no-syslog", "--port", str(port), "--spool-dir", str(spool),
+                "--domain", "relay.test", *extra]
+        relay = RelayProcess(args, spool, port, tmp_path / f"relay{len(started)}.log", env)
+        started.append(relay)
+        if wait:
+            wait_for_port(port, relay.proc)
+        return relay
+
+    yield start
+    for relay in started:
+        relay.stop()
+
+
+@pytest.fixture
+def inprocess_relay(tmp_path: Path) -> Iterator[Callable[..., RunningRelay]]:
+    """Factory: an in-process relay with the given plugin objects registered."""
+    running: list[RunningRelay] = []
+
+    def start(plugins: dict | None = None, config: dict | None = None,
+              enable: list[str] | None = None) -> RunningRelay:
+        relay = RunningRelay(tmp_path / f"spool{len(running)}", plugins=plugins, config=config,
+                             enable=enable)
+        running.append(relay)
+        return relay.start()
+
+    yield start
+    for relay in running:
+        relay.stop()
