@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiosmtpd.smtp import SMTP
@@ -32,6 +33,7 @@ MAIL_EXTENSION_ALLOWANCE = 26 + 10 + 14 + 500  # SIZE, SMTPUTF8, BODY, AUTH= (RF
 AUTH_LINE_LIMIT = 12288       # RFC 4954 4: AUTH initial responses may be long
 DATA_END = b"\r\n.\r\n"
 READ_CHUNK = 65536
+_HELO_ARGUMENT = re.compile(r"[^\x00-\x20\x7f]{1,255}")
 SHUTDOWN_REPLY = "421 4.3.2 Service shutting down, try again later"
 
 
@@ -171,7 +173,9 @@ class RelaySMTP(SMTP):
 
     async def _helo(self, hostname: str | None, *, esmtp: bool) -> None:
         name = "EHLO" if esmtp else "HELO"
-        if not hostname:
+        if not hostname or not _HELO_ARGUMENT.fullmatch(hostname):
+            # A domain or address literal: no spaces or control characters (the argument is
+            # echoed in our reply and in the Received: header).
             await self.push(f"501 5.5.4 Syntax: {name} hostname")
             return
         session = self.relay_session
