@@ -12,6 +12,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
+from ..net import LISTEN_BACKLOG
 from .protocol import RelaySMTP
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,7 +40,7 @@ class SmtpServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for sock in self.sockets:
-            self._servers.append(await loop.create_server(self._protocol, sock=sock))
+            self._servers.append(await loop.create_server(self._protocol, sock=sock, backlog=LISTEN_BACKLOG))
 
     def session_started(self, protocol: RelaySMTP) -> None:
         self.sessions.add(protocol)
