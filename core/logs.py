@@ -24,12 +24,12 @@ class DatedFileHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.stream = None  # type: ignore[assignment]
         self._open()
 
-    def _name(self) -> str:
+    def _path_now(self) -> str:
         now = time.localtime()
         return self.pattern.replace("%d", time.strftime("%Y%m%d", now)).replace("%h", time.strftime("%H", now))
 
     def _open(self) -> None:
-        name = self._name()
+        name = self._path_now()
         if name != self._current:
             if self.stream is not None:
                 self.stream.close()

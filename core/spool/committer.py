@@ -134,8 +134,6 @@ class GroupCommitter:
                     written[i].append(w.path)
             except OSError as e:
                 errors[i] = e
-                for path in written[i]:
-                    _unlink_quietly(path)
         ok = [i for i in range(len(batch)) if i not in errors]
         if self.durable and ok:
             try:
@@ -144,21 +142,26 @@ class GroupCommitter:
                 for i in ok:
                     errors[i] = e
                 ok = []
-        renamed = False
+        renamed: dict[int, list[tuple[str, str]]] = {}
         for i in ok:
+            renamed[i] = []
             try:
                 for src, dst in batch[i].renames:
                     os.rename(src, dst)
-                    renamed = True
+                    renamed[i].append((src, dst))
             except OSError as e:
                 errors[i] = e
-        if self.durable and renamed:
+        if self.durable and any(renamed.values()):
             try:
                 os.fsync(self._dir_fd)
             except OSError as e:
                 # The renames may not survive a crash: nobody gets an acknowledgement.
                 for i in range(len(batch)):
                     errors.setdefault(i, e)
+        for i in errors:
+            # A client told to retry must not find its message queued as well (it would go out
+            # twice), nor half of it left behind: take back what this job published and wrote.
+            _undo(written.get(i, []), renamed.get(i, []))
         self._complete(batch, errors)
 
     def _flush(self, paths: list[str]) -> None:
@@ -215,6 +218,17 @@ def _write_file(w: FileWrite) -> None:
         _unlink_quietly(w.path)
         raise
     os.close(fd)
+
+
+def _undo(written: list[str], renamed: list[tuple[str, str]]) -> None:
+    for src, dst in reversed(renamed):
+        try:
+            os.rename(dst, src)
+        except OSError as e:
+            log.warning("could not take back %s: %s", dst, e)
+            _unlink_quietly(dst)
+    for path in written:
+        _unlink_quietly(path)
 
 
 def _unlink_quietly(path: str) -> None:

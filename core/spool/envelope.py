@@ -167,6 +167,8 @@ _KNOWN = {
 def _check_value(name: str, value: str) -> None:
     # A CR or LF in a value would forge extra envelope fields; only the folded
     # certificate may contain newlines, and _fold() has turned them into continuations.
+    if "\r" in name or "\n" in name:
+        raise ValueError(f"envelope field name {name!r} contains a line break")
     stripped = value.replace("\r\n ", "") if name == "ClientCertificate" else value
     if "\r" in stripped or "\n" in stripped:
         raise ValueError(f"envelope field {name} contains a line break")
