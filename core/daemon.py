@@ -96,13 +96,18 @@ def _detach_and_serve(relay: Relay, settings: Settings, out: TextIO) -> int:
     def report(message: str) -> None:
         reporter.write(message)
         reporter.close()
-        if settings.log.close_stderr:
-            fd = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(fd, 2)
-            os.close(fd)
 
     code = _serve(relay, settings, report=lambda msg: report("ok " + msg), on_error=report)
     os._exit(code)
+
+
+def _close_stderr(settings: Settings) -> None:
+    if settings.log.enabled and not settings.log.file and not (settings.log.syslog and os.path.exists("/dev/log")):
+        log.warning("logging stops here: --close-stderr closes the standard error stream and there is "
+                    "no --log-file or syslog")
+    fd = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -140,6 +145,8 @@ async def _main(relay: Relay, settings: Settings, report: Callable[[str], None],
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
     report(banner(relay, os.getpid()))
+    if settings.log.close_stderr:
+        _close_stderr(settings)
     await stop.wait()
     log.info("signal received: shutting down")
     await relay.stop()

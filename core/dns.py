@@ -32,7 +32,7 @@ def parse_nameserver(text: str) -> tuple[str, int]:
 
 
 def _port(text: str, whole: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise ConfigError(f"[dns] nameservers: {whole!r} has a bad port")
     return int(text)
 

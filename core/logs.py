@@ -79,7 +79,7 @@ def configure(settings: LogSettings, *, stderr: bool = True) -> None:
     handlers: list[logging.Handler] = []
     if settings.file:
         handlers.append(DatedFileHandler(settings.file))
-    elif stderr and not settings.close_stderr:
+    elif stderr:  # with --close-stderr, stderr is closed once start-up is over, not before
         handlers.append(logging.StreamHandler(sys.stderr))
     if settings.enabled and settings.syslog and os.path.exists("/dev/log"):
         syslog = logging.handlers.SysLogHandler("/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)

@@ -131,7 +131,7 @@ def check_config_command(ctx: click.Context, file: str | None) -> None:
                                    "/etc/mailrelay/relay.conf)")
     settings, host, warnings = _sub_load(ctx, path)
     for warning in warnings:
-        click.echo(f"{path}: warning: {warning}", err=True)
+        click.echo(f"relay: warning: {warning}", err=True)  # the warning names the file itself
     click.echo(f"{path}: OK (plugins: {', '.join(host.order) or 'none'}; spool {settings.spool.dir}; "
                f"SMTP port {settings.smtp.port})")
 

@@ -16,6 +16,7 @@ Kind = Literal["flag", "value", "count", "multi"]
 Apply = Callable[[dict[str, Any], Any], None]
 
 
+# Values stay as given ("25", "abc"): validation coerces them and names the option in its error.
 def _set(section: str, key: str, transform: Callable[[Any], Any] = lambda v: v) -> Apply:
     def apply(raw: dict[str, Any], value: Any) -> None:
         raw.setdefault(section, {})[key] = transform(value)
@@ -87,7 +88,7 @@ class Option:
 
 
 OPTIONS: list[Option] = [
-    Option("port", "p", "value", _set("smtp", "port", int), "SMTP listening port (default 2525)", "PORT"),
+    Option("port", "p", "value", _set("smtp", "port"), "SMTP listening port (default 2525)", "PORT"),
     Option("interface", "I", "multi", _set("smtp", "interface", _split_list),
            "listening addresses or interface names, comma-separated; smtp=ADDR limits one to SMTP",
            "ADDRESS-LIST"),
@@ -96,7 +97,7 @@ OPTIONS: list[Option] = [
            "domain name for the greeting, EHLO reply and Received: headers", "FQDN"),
     Option("remote-clients", "r", "flag", _set("smtp", "remote_clients"),
            "accept connections from non-loopback addresses"),
-    Option("size", "M", "value", _set("smtp", "size", int), "maximum message size in octets (0: no limit)",
+    Option("size", "M", "value", _set("smtp", "size"), "maximum message size in octets (0: no limit)",
            "BYTES"),
     Option("no-daemon", "t", "flag", lambda raw, v: raw.setdefault("server", {}).update(daemon=False),
            "run in the foreground"),
@@ -109,9 +110,9 @@ OPTIONS: list[Option] = [
            "do not log to syslog"),
     Option("close-stderr", "e", "flag", _set("log", "close_stderr"), "close stderr after start-up"),
     Option("pid-file", "i", "value", _set("server", "pid_file"), "write the process id to FILE", "FILE"),
-    Option("idle-timeout", None, "value", _set("smtp", "idle_timeout", float),
+    Option("idle-timeout", None, "value", _set("smtp", "idle_timeout"),
            "seconds a client may stay silent (default 300)", "SECONDS"),
-    Option("prompt-timeout", "w", "value", _set("client", "prompt_timeout", float),
+    Option("prompt-timeout", "w", "value", _set("client", "prompt_timeout"),
            "seconds to wait for the next hop's greeting (default 20)", "SECONDS"),
     Option("server-smtp-config", "Z", "multi", _smtp_config,
            "SMTP server features: [+|-]pipelining, smtputf8, smtputf8strict, strictparsing", "CONFIG"),

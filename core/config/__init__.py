@@ -41,6 +41,7 @@ def load_settings(config_file: str | None, overrides: dict[str, Any],
     if config_file:
         raw, sources = load_file(config_file)
     deep_merge(raw, overrides)
+    sources.mark_command_line(overrides)
     plugin_names = raw.get("plugins", {}).get("enable", []) if isinstance(raw.get("plugins"), dict) else []
     if isinstance(plugin_names, str):
         plugin_names = [p.strip() for p in plugin_names.split(",") if p.strip()]

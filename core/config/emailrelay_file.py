@@ -33,7 +33,8 @@ def read_options_file(path: str | Path, flags: Container[str], known: Container[
     if "\0" in text:
         raise ConfigError(f"{path}: options file contains a NUL character")
     args: list[str] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # Lines end at LF (CR LF too): str.splitlines would also split inside a value at U+2028 etc.
+    for lineno, line in enumerate(text.split("\n"), 1):
         line = line.rstrip(" \t\r")
         stripped = line.lstrip()
         if not stripped or stripped.startswith("#"):

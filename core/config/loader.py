@@ -28,9 +28,22 @@ class Sources:
     """Which file set each dotted key (``"smtp.port"``), for error messages."""
 
     files: dict[str, Path] = field(default_factory=dict)
+    #: dotted keys whose value came from the command line (they override the file's)
+    command_line: set[str] = field(default_factory=set)
+
+    def mark_command_line(self, overrides: dict[str, Any], prefix: str = "") -> None:
+        """Record that every key in ``overrides`` was set on the command line."""
+        for key, value in overrides.items():
+            if isinstance(value, dict):
+                self.mark_command_line(value, prefix=f"{prefix}{key}.")
+            else:
+                self.command_line.add(f"{prefix}{key}")
 
     def where(self, dotted: str) -> str:
-        """``"relay.conf:12"`` for a key set in a file, ``""`` for defaults and the command line."""
+        """``"relay.conf:12"`` for a key set in a file, ``"command line"`` for an option, ``""`` for
+        defaults."""
+        if dotted in self.command_line:
+            return "command line"
         path = self.files.get(dotted)
         if path is None:
             # A whole section may have come from one file even if this key did not exist.
@@ -54,8 +67,9 @@ def find_line(path: Path, dotted: str) -> int:
     """Best-effort line number of ``dotted`` in a TOML file (0 when not found)."""
     section, _, key = dotted.rpartition(".")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
+        # TOML lines end at LF only (str.splitlines would also split at U+2028 and friends).
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError):
         return 0
     current = ""
     key_re = re.compile(rf"""^\s*(?:{re.escape(key)}|"{re.escape(key)}"|'{re.escape(key)}')\s*=""")
@@ -63,6 +77,8 @@ def find_line(path: Path, dotted: str) -> int:
         m = re.match(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(?:#.*)?$", line)
         if m:
             current = m.group(1).replace('"', "").replace(" ", "")
+            if current == dotted:  # the key names a whole table: its header line
+                return i
             continue
         if current == section and key_re.match(line):
             return i
@@ -129,7 +145,8 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
 
 
 def interpolate(data: dict[str, Any], sources: Sources | None = None) -> dict[str, Any]:
-    """Replace ``${VAR}`` (environment; ``${VAR:-default}``) and ``${section.key}`` in strings.
+    """Replace ``${VAR}`` (environment; ``${VAR:-default}`` when unset or empty) and
+    ``${section.key}`` in strings.
 
     ``$$`` is a literal dollar sign. An unset variable or a missing key is an error naming where
     the reference is.
@@ -167,10 +184,11 @@ def interpolate(data: dict[str, Any], sources: Sources | None = None) -> dict[st
                 return str(value).lower() if isinstance(value, bool) else str(value)
             if not _ENV_NAME.fullmatch(name):
                 raise ConfigError(f"{sources.describe(dotted)}: bad reference ${{{ref}}}")
-            if name in os.environ:
-                return os.environ[name]
-            if sep:
+            value = os.environ.get(name)
+            if sep and not value:  # as in the shell: the default also replaces an empty value
                 return default
+            if value is not None:
+                return value
             raise ConfigError(f"{sources.describe(dotted)}: environment variable {name} is not set "
                               f"(write ${{{name}:-default}} to give a default)")
 

@@ -137,7 +137,7 @@ def build_settings(raw: dict[str, Any], sources: Sources, plugin_schemas: dict[s
                               f"[section]; known sections: {', '.join(sorted(CORE_SECTIONS))})")
     for name, schema in plugin_schemas.items():
         settings.extra.setdefault(name, build_section(schema, {}, name, sources))
-    _check_cross_field(settings)
+    _check_cross_field(settings, sources)
     return settings
 
 
@@ -216,11 +216,15 @@ _YES = {"y", "yes", "t", "true", "1", "on"}
 _NO = {"n", "no", "f", "false", "0", "off"}
 
 
-def _check_cross_field(settings: Settings) -> None:
+def _check_cross_field(settings: Settings, sources: Sources) -> None:
     for ns in settings.dns.nameservers:
         from ..dns import parse_nameserver  # local import: dns imports dnspython
-        parse_nameserver(ns)
+        try:
+            parse_nameserver(ns)
+        except ConfigError as e:
+            where = sources.where("dns.nameservers")
+            raise ConfigError(f"{where}: {e}" if where else str(e)) from None
     if settings.smtp.size and settings.smtp.size < 1024:
-        raise ConfigError(f"[smtp] size: {settings.smtp.size} is too small to hold a message "
-                          "(0 means no limit)")
+        raise ConfigError(f"{sources.describe('smtp.size')}: {settings.smtp.size} is too small to hold "
+                          "a message (0 means no limit)")
     settings.spool.dir = str(Path(settings.spool.dir).expanduser())
