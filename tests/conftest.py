@@ -111,3 +111,38 @@ def inprocess_relay(tmp_path: Path) -> Iterator[Callable[..., RunningRelay]]:
     yield start
     for relay in running:
         relay.stop()
+
+
+@pytest.fixture(scope="session")
+def dns_server(tmp_path_factory) -> Iterator[tuple[str, int]]:
+    """A real DNS server (dnsmasq) on a loopback high port with test zones under .test."""
+    dnsmasq = require("dnsmasq")
+    workdir = tmp_path_factory.mktemp("dnsmasq")
+    port = free_port()
+    records = ["--mx-host=example.test,mx1.example.test,10", "--mx-host=example.test,mx2.example.test,20",
+               "--host-record=mx1.example.test,127.0.0.1", "--host-record=mx2.example.test,127.0.0.1",
+               "--host-record=nomx.test,127.0.0.1"]
+    log = open(workdir / "dnsmasq.log", "ab")
+    proc = subprocess.Popen([dnsmasq, "-k", "-C", "/dev/null", f"--port={port}", "--listen-address=127.0.0.1",
+                             "--bind-interfaces", "--no-resolv", "--no-hosts", "--no-negcache", "--local=/test/",
+                             "--user=root", f"--pid-file={workdir}/dnsmasq.pid", *records],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    import dns.resolver
+
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers, resolver.port, resolver.lifetime = ["127.0.0.1"], port, 0.5
+    end = time.monotonic() + 15
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"dnsmasq exited with {proc.returncode}: {(workdir / 'dnsmasq.log').read_text()}")
+        try:
+            resolver.resolve("mx1.example.test", "A")
+            break
+        except Exception:
+            if time.monotonic() > end:
+                pytest.fail("dnsmasq did not answer within 15 s")
+            time.sleep(0.05)
+    yield "127.0.0.1", port
+    proc.terminate()
+    proc.wait(10)
+    log.close()
