@@ -43,8 +43,8 @@ def on_connect(session: Session) -> Verdict | None:
     """A client connected (after any PROXY header), before the 220 greeting.
 
     :param session: the new session; ``peer_ip`` is the client's address.
-    :return: ``None``/``CONT`` to carry on. ``DENY`` answers the greeting with the verdict's 5xx
-        (554 by default convention) and closes; ``DENYSOFT``/``DISCONNECT`` answer 421 and close.
+    :return: ``None``/``CONT`` to carry on. ``DENY`` answers the greeting with the verdict's reply
+        (give ``code=554``, RFC 5321 3.1) and closes; ``DENYSOFT``/``DISCONNECT`` answer 421 and close.
         ``OK`` skips the remaining ``on_connect`` plugins. Use for DNSBL, connection limits and
         allow lists.
     """

@@ -41,7 +41,7 @@ class Relay:
         self.smtp: SmtpServer | None = None
         self.listeners: list[Any] = []
         self._started = False
-        self._stopped = asyncio.Event() if _has_loop() else None
+        self._stopped = asyncio.Event()  # binds to the running loop on first use
 
     # ---------------------------------------------------------------- set-up
     def bind(self) -> None:
@@ -86,8 +86,6 @@ class Relay:
     # ---------------------------------------------------------------- running
     async def start(self) -> None:
         """Open the spool, run start-up hooks, start listeners. Raises on any failure."""
-        if self._stopped is None:
-            self._stopped = asyncio.Event()
         self.bind()
         self.spool.open()
         try:
@@ -129,17 +127,8 @@ class Relay:
         self.spool.close()
         self.close_sockets()
         log.info("relay stopped")
-        assert self._stopped is not None
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
-        assert self._stopped is not None
         await self._stopped.wait()
 
-
-def _has_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-        return True
-    except RuntimeError:
-        return False

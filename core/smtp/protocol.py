@@ -127,11 +127,13 @@ class RelaySMTP(SMTP):
                     await self._goodbye()
         return run
 
-    def begin_shutdown(self) -> None:
-        """Server is stopping: an idle session gets 421 now, a busy one after its current command."""
+    def begin_shutdown(self) -> asyncio.Task[None] | None:
+        """Server is stopping: an idle session gets 421 now (the returned task), a busy one after
+        its current command."""
         self._closing = True
         if not self._busy and self.transport is not None:
-            asyncio.get_running_loop().create_task(self._goodbye())
+            return asyncio.get_running_loop().create_task(self._goodbye())
+        return None
 
     async def _goodbye(self) -> None:
         if self.transport is None or self.transport.is_closing():

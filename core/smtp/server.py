@@ -54,8 +54,7 @@ class SmtpServer:
     async def stop(self, grace: float) -> None:
         for server in self._servers:
             server.close()
-        for protocol in list(self.sessions):
-            protocol.begin_shutdown()
+        goodbyes = [t for t in (p.begin_shutdown() for p in list(self.sessions)) if t is not None]
         try:
             await asyncio.wait_for(self._idle.wait(), grace)
         except asyncio.TimeoutError:
@@ -63,4 +62,5 @@ class SmtpServer:
             for protocol in list(self.sessions):
                 if protocol.transport is not None:
                     protocol.transport.abort()
+        await asyncio.gather(*goodbyes, return_exceptions=True)
         self._servers.clear()

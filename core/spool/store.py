@@ -32,7 +32,7 @@ ORPHAN_AGE = 600.0  # seconds before a leftover .new or content-only file is swe
 
 
 class SpoolError(OSError):
-    """The spool could not store a message; ``temporary`` tells the SMTP reply class."""
+    """The spool could not store a message; ``disk_full`` selects 452 over 451 for the client."""
 
     def __init__(self, message: str, *, disk_full: bool = False):
         super().__init__(message)
