@@ -103,8 +103,9 @@ class RelaySMTP(SMTP):
         reader.readuntil = readuntil  # type: ignore[method-assign]
 
     async def push(self, status: Any) -> None:
-        # The first reply is the 220 greeting; on_connect runs just before it, after any PROXY
-        # header has been read, so plugins see the real client address.
+        # The first reply is the 220 greeting; on_connect runs just before it. That is after
+        # aiosmtpd has read any PROXY header, so the address from it can be put in the session
+        # here once PROXY listeners exist (the scale-out issue).
         if not self._greeted:
             self._greeted = True
             verdict = await self.reception.connect(self.relay_session)  # type: ignore[arg-type]
