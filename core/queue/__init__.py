@@ -1,0 +1,1 @@
+"""The queue runner: forwarding, retries and bounces."""
