@@ -62,6 +62,8 @@ def run(settings: Settings, plugins: PluginHost, out: TextIO = sys.stdout) -> in
     except (OSError, ValueError) as e:
         print(f"relay: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    if settings.queue.as_client:
+        return _run_client(relay, out)
     if not settings.server.daemon:
         return _serve(relay, settings, report=lambda msg: print(msg, file=out, flush=True))
     return _detach_and_serve(relay, settings, out)
@@ -108,6 +110,27 @@ def _close_stderr(settings: Settings) -> None:
     fd = os.open(os.devnull, os.O_WRONLY)
     os.dup2(fd, 2)
     os.close(fd)
+
+
+def _run_client(relay: Relay, out: TextIO) -> int:
+    """``--as-client``: forward everything in the spool once; exit 1 if anything is left or failed."""
+
+    async def once() -> int:
+        await relay.start()
+        try:
+            summary = await relay.forward_once()
+        finally:
+            await relay.stop()
+        print(f"mailrelay: forwarded {len(summary.ids)} message(s): {summary.delivered} delivered, "
+              f"{summary.deferred} deferred, {summary.failed} failed", file=out, flush=True)
+        return EXIT_OK if summary.ok else EXIT_ERROR
+
+    try:
+        with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+            return runner.run(once())
+    except Exception as e:
+        print(f"relay: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:

@@ -18,6 +18,7 @@ from . import net
 from .config.settings import Settings
 from .dns import make_resolver
 from .plugin_host import HookCaller, PluginHost
+from .queue.runner import PassSummary, QueueRunner
 from .smtp.reception import Reception
 from .smtp.server import SmtpServer
 from .spool import Spool
@@ -40,6 +41,7 @@ class Relay:
         self.smtp_sockets: list[socket.socket] = []
         self.smtp: SmtpServer | None = None
         self.listeners: list[Any] = []
+        self.queue: QueueRunner | None = None
         self._started = False
         self._stopped = asyncio.Event()  # binds to the running loop on first use
 
@@ -95,8 +97,13 @@ class Relay:
                 for listener in result if isinstance(result, (list, tuple)) else [result]:
                     await listener.start()
                     self.listeners.append(listener)
+            if self.hooks.has("deliver"):
+                self.queue = QueueRunner(self)
+                if not self.settings.queue.as_client:
+                    self.queue.start()
             if self.smtp_sockets:
-                self.smtp = SmtpServer(Reception(self), self.settings.smtp, self.domain, self.smtp_sockets)
+                self.smtp = SmtpServer(Reception(self), self.settings.smtp, self.domain, self.smtp_sockets,
+                                       on_disconnect=self._client_disconnected)
                 await self.smtp.start()
         except BaseException:
             self.spool.close()
@@ -106,6 +113,21 @@ class Relay:
         log.info("relay started smtp=%s spool=%s plugins=%s durability=%s", ",".join(self.smtp_addresses),
                  self.spool.directory, ",".join(self.plugins.order) or "-", self.spool.sync_method)
 
+    def message_committed(self, message_id: str) -> None:
+        """A message was acknowledged: forward it now if so configured."""
+        if self.queue is not None and (self.settings.queue.after_receive or self.settings.queue.poll == 0):
+            self.queue.wake()
+
+    def _client_disconnected(self, submitted: int) -> None:
+        if self.queue is not None and self.settings.queue.on_disconnect and submitted:
+            self.queue.wake()
+
+    async def forward_once(self) -> PassSummary:
+        """Forward everything in the spool once (``--as-client``)."""
+        if self.queue is None:
+            raise RuntimeError("nothing to forward with: enable a delivery plugin (e.g. --forward-to)")
+        return await self.queue.run_once()
+
     async def stop(self) -> None:
         """Graceful shutdown: 421 to sessions, listeners closed, hooks told, spool flushed."""
         if not self._started:
@@ -113,6 +135,8 @@ class Relay:
         self._started = False
         if self.smtp is not None:
             await self.smtp.stop(self.settings.smtp.shutdown_grace)
+        if self.queue is not None:
+            await self.queue.stop(self.settings.smtp.shutdown_grace)
         for listener in reversed(self.listeners):
             try:
                 await listener.stop()

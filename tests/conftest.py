@@ -121,7 +121,26 @@ def dns_server(tmp_path_factory) -> Iterator[tuple[str, int]]:
     port = free_port()
     records = ["--mx-host=example.test,mx1.example.test,10", "--mx-host=example.test,mx2.example.test,20",
                "--host-record=mx1.example.test,127.0.0.1", "--host-record=mx2.example.test,127.0.0.1",
-               "--host-record=nomx.test,127.0.0.1"]
+               "--host-record=nomx.test,127.0.0.1",
+               # MX routing (tests/test_mx.py); dnsmasq answers in a fixed order, the reverse of these options
+               "--mx-host=equal.test,mxa.equal.test,10", "--mx-host=equal.test,mxb.equal.test,10",
+               "--mx-host=equal.test,mxc.equal.test,20", "--host-record=mxa.equal.test,127.0.0.11",
+               "--host-record=mxb.equal.test,127.0.0.12", "--host-record=mxc.equal.test,127.0.0.13",
+               "--mx-host=dual.test,mx.dual.test,10", "--host-record=mx.dual.test,127.0.0.21,::21",
+               "--host-record=mx.dual.test,127.0.0.22,::22", "--host-record=mx.dual.test,::23",
+               "--host-record=v6only.test,::1",
+               "--mx-host=nullmx.test,.,0",
+               "--mx-host=mixednull.test,.,0", "--mx-host=mixednull.test,mx1.example.test,10",
+               "--mx-host=noaddr.test,ghost.noaddr.test,10", "--mx-host=noaddr.test,txt.noaddr.test,20",
+               "--txt-record=txt.noaddr.test,no address records here",
+               "--mx-host=partial.test,ghost.partial.test,5", "--mx-host=partial.test,mx2.example.test,10",
+               "--txt-record=txtonly.test,neither MX nor address records",
+               "--mx-host=slowmx.test,mx.timeout.test,5", "--mx-host=slowmx.test,mx1.example.test,10",
+               "--mx-host=slowonly.test,mx.timeout.test,10", "--mx-host=slowonly.test,ghost.slowonly.test,20",
+               "--mx-host=twice.test,mx1.example.test,30", "--mx-host=twice.test,mx1.example.test,10",
+               "--mx-host=twice.test,mx2.example.test,20",
+               "--mx-host=xn--bcher-kva.test,mx1.example.test,10", "--host-record=xn--strae-oqa.test,127.0.0.31",
+               "--server=/timeout.test/127.0.0.1#9"]  # names under timeout.test never get an answer
     log = open(workdir / "dnsmasq.log", "ab")
     proc = subprocess.Popen([dnsmasq, "-k", "-C", "/dev/null", f"--port={port}", "--listen-address=127.0.0.1",
                              "--bind-interfaces", "--no-resolv", "--no-hosts", "--no-negcache", "--local=/test/",
@@ -146,3 +165,31 @@ def dns_server(tmp_path_factory) -> Iterator[tuple[str, int]]:
     proc.terminate()
     proc.wait(10)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def dns_servfail() -> Iterator[tuple[str, int]]:
+    """A DNS server on a loopback UDP port that answers every query with SERVFAIL at once."""
+    import threading
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.1)  # how soon the thread notices the end of the session
+    stopping = threading.Event()
+
+    def serve() -> None:
+        while not stopping.is_set():
+            try:
+                query, peer = sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            if len(query) >= 12:  # same ID, opcode, RD and question; QR, RA and RCODE 2 set
+                flags = bytes(((query[2] | 0x80) & 0xF9, 0x82))
+                sock.sendto(query[:2] + flags + query[4:6] + bytes(6) + query[12:], peer)
+
+    thread = threading.Thread(target=serve, name="dns-servfail", daemon=True)
+    thread.start()
+    yield sock.getsockname()
+    stopping.set()
+    thread.join()
+    sock.close()

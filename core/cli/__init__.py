@@ -34,13 +34,13 @@ def load(config: str | None, given: dict[str, Any]) -> tuple[Settings, PluginHos
     """Settings and the plugin host with the enabled plugins registered."""
     host = PluginHost()
     overrides: dict[str, Any] = {}
-    apply_options(overrides, given)
+    implied = apply_options(overrides, given)
 
     def enable(names: list[str]) -> dict[str, type]:
         host.enable(names)
         return _schemas(host)
 
-    settings, warnings = load_settings(find_config_file(config), overrides, enable)
+    settings, warnings = load_settings(find_config_file(config), overrides, enable, implied)
     return settings, host, warnings
 
 

@@ -69,6 +69,26 @@ def parse_smtp_config(values: Any) -> dict[str, bool]:
     return result
 
 
+def _forward_to(raw: dict[str, Any], value: Any) -> None:
+    raw.setdefault("forward", {})["to"] = str(value)
+
+
+def _as_client(raw: dict[str, Any], value: Any) -> None:
+    # E-MailRelay: --log --no-syslog --no-daemon --dont-serve --forward --forward-to
+    raw.setdefault("log", {}).update(enabled=True, syslog=False)
+    raw.setdefault("server", {})["daemon"] = False
+    raw.setdefault("smtp", {})["enabled"] = False
+    raw.setdefault("queue", {}).update(at_start=True, as_client=True)
+    _forward_to(raw, value)
+
+
+def _as_proxy(raw: dict[str, Any], value: Any) -> None:
+    # E-MailRelay 2.6: --log --close-stderr --forward-on-disconnect --forward-to
+    raw.setdefault("log", {}).update(enabled=True, close_stderr=True)
+    raw.setdefault("queue", {})["on_disconnect"] = True
+    _forward_to(raw, value)
+
+
 def _smtp_config(raw: dict[str, Any], value: Any) -> None:
     raw.setdefault("smtp", {}).update(parse_smtp_config(value))
 
@@ -81,6 +101,7 @@ class Option:
     apply: Apply | None
     help: str
     metavar: str = ""
+    plugin: str = ""  # a built-in plugin this option needs: giving the option enables it
 
     @property
     def dest(self) -> str:
@@ -118,6 +139,32 @@ OPTIONS: list[Option] = [
            "SMTP server features: [+|-]pipelining, smtputf8, smtputf8strict, strictparsing", "CONFIG"),
     Option("no-smtp", "X", "flag", lambda raw, v: raw.setdefault("smtp", {}).update(enabled=False),
            "do not run the SMTP server"),
+    Option("forward-to", "o", "value", _forward_to, "forward to this SMTP server (host:port), or \"mx\"",
+           "HOST:PORT", plugin="forward"),
+    Option("forward", "f", "flag", _set("queue", "at_start"), "forward the spool at start-up"),
+    Option("forward-on-disconnect", "1", "flag", _set("queue", "on_disconnect"),
+           "forward when an SMTP client that sent mail disconnects"),
+    Option("poll", "O", "value", _set("queue", "poll"),
+           "scan the spool every SECONDS (0: forward each message as it arrives)", "SECONDS"),
+    Option("as-client", "q", "value", _as_client,
+           "forward the spool once and exit (--log --no-syslog --no-daemon --dont-serve --forward "
+           "--forward-to)", "HOST:PORT", plugin="forward"),
+    Option("as-proxy", "y", "value", _as_proxy,
+           "store and forward on disconnect (--log --close-stderr --forward-on-disconnect --forward-to)",
+           "HOST:PORT", plugin="forward"),
+    Option("dont-serve", "x", "flag", lambda raw, v: raw.setdefault("smtp", {}).update(enabled=False),
+           "run no servers (forwarding only)"),
+    Option("connection-timeout", "U", "value", _set("forward", "connection_timeout"),
+           "seconds to wait for a connection to the next hop (default 40)", "SECONDS"),
+    Option("response-timeout", "T", "value", _set("forward", "response_timeout"),
+           "seconds to wait for each reply of the next hop (default 60)", "SECONDS"),
+    Option("client-interface", "6", "value", _set("forward", "client_interface"),
+           "local address to forward from", "ADDRESS"),
+    Option("forward-to-all", None, "flag", lambda raw, v: raw.setdefault("forward", {}).update(recipients="all"),
+           "fail the message if the next hop refuses any recipient"),
+    Option("forward-to-some", None, "flag",
+           lambda raw, v: raw.setdefault("forward", {}).update(recipients="some"),
+           "deliver to the recipients the next hop accepts (the default)"),
     Option("plugins", None, "multi", _set("plugins", "enable", _split_list),
            "enable plugins by name, in this order (comma-separated)", "NAMES"),
 ]
@@ -126,10 +173,15 @@ BY_LONG = {o.long: o for o in OPTIONS}
 BY_SHORT = {o.short: o for o in OPTIONS if o.short}
 
 
-def apply_options(raw: dict[str, Any], given: dict[str, Any]) -> None:
-    """Apply option values given on the command line (``{dest: value}``) onto ``raw``."""
+def apply_options(raw: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """Apply option values given on the command line (``{dest: value}``) onto ``raw``; return the
+    built-in plugins those options need (to be enabled in addition to the configured ones)."""
+    needed: list[str] = []
     for option in OPTIONS:
         value = given.get(option.dest)
         if value in (None, False, 0, ()) or option.apply is None:
             continue
         option.apply(raw, value)
+        if option.plugin and option.plugin not in needed:
+            needed.append(option.plugin)
+    return needed

@@ -29,12 +29,14 @@ def find_config_file(explicit: str | None) -> str | None:
 
 
 def load_settings(config_file: str | None, overrides: dict[str, Any],
-                  enable_plugins: Callable[[list[str]], dict[str, type]]) -> tuple[Settings, list[str]]:
+                  enable_plugins: Callable[[list[str]], dict[str, type]],
+                  implied_plugins: list[str] | None = None) -> tuple[Settings, list[str]]:
     """Load and validate everything.
 
     ``overrides`` is the raw form of the command-line options (applied over the file);
     ``enable_plugins`` enables the named plugins and returns their config schemas, so that their
-    sections are validated too.
+    sections are validated too; ``implied_plugins`` (needed by command-line options such as
+    ``--forward-to``) are enabled after the configured ones.
     """
     raw: dict[str, Any] = {}
     sources = Sources()
@@ -47,7 +49,9 @@ def load_settings(config_file: str | None, overrides: dict[str, Any],
         plugin_names = [p.strip() for p in plugin_names.split(",") if p.strip()]
     if not isinstance(plugin_names, list):
         raise ConfigError(f"{sources.describe('plugins.enable')}: expected a list of plugin names")
-    schemas = enable_plugins([str(n) for n in plugin_names])
+    names = [str(n) for n in plugin_names]
+    names += [p for p in implied_plugins or [] if p not in names]
+    schemas = enable_plugins(names)
     clash = set(schemas) & set(CORE_SECTIONS)
     if clash:
         raise ConfigError(f"a plugin declares the core section [{', '.join(sorted(clash))}]")

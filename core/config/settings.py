@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from ..queue.schedule import DEFAULT_SCHEDULE, parse_duration, parse_schedule
 from .loader import ConfigError, Sources
 
 
@@ -75,6 +76,25 @@ class LogSettings:
 
 
 @dataclass
+class QueueSettings:
+    """The queue runner: when spooled mail is forwarded, retried and bounced.
+
+    It runs only when a plugin implements ``deliver`` (the ``forward`` plugin, say); without one
+    the relay is a storage daemon, as E-MailRelay is without forwarding options.
+    """
+
+    at_start: bool = False        # --forward: forward the spool at start-up
+    poll: float = -1.0            # --poll SECONDS: scan at this interval; 0 = after each message; <0 off
+    on_disconnect: bool = False   # --forward-on-disconnect: scan when an SMTP client disconnects
+    after_receive: bool = True    # forward each message as soon as it is committed
+    as_client: bool = False       # --as-client: forward everything once, then exit (1 if anything failed)
+    concurrency: int = 20         # messages forwarded at once
+    retry: list[str] = field(default_factory=lambda: list(DEFAULT_SCHEDULE))
+    max_age: str = "5d"           # then a deferred message bounces
+    delay_warning: str = ""       # e.g. "4h": one "still trying" notice to the sender
+
+
+@dataclass
 class ClientSettings:
     prompt_timeout: float = 20.0  # --prompt-timeout: wait for the next hop's 220
 
@@ -99,6 +119,7 @@ class Settings:
     spool: SpoolSettings = field(default_factory=SpoolSettings)
     log: LogSettings = field(default_factory=LogSettings)
     client: ClientSettings = field(default_factory=ClientSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
     dns: DnsSettings = field(default_factory=DnsSettings)
     plugins: PluginsSettings = field(default_factory=PluginsSettings)
     #: validated plugin sections, by section name
@@ -115,6 +136,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "smtp.max_recipients": (1, 100000), "smtp.max_hops": (1, 1000), "smtp.shutdown_grace": (0, 3600),
     "server.workers": (1, 256), "client.prompt_timeout": (0, 3600), "dns.timeout": (0.1, 300),
     "dns.attempts": (1, 10), "plugins.hook_timeout": (0.1, 3600), "log.verbose": (0, 5),
+    "queue.concurrency": (1, 10000), "queue.poll": (-1, 86400 * 7),
 }
 
 
@@ -145,6 +167,8 @@ def build_section(cls: type, data: Any, section: str, sources: Sources) -> Any:
     """Validate one ``[section]`` table against dataclass ``cls``."""
     if not isinstance(data, dict):
         raise ConfigError(f"{sources.describe(section)}: expected a [{section}] table")
+    if cls is dict:  # a free-form table (e.g. [routes]); the plugin validates the entries
+        return dict(data)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
@@ -224,6 +248,17 @@ def _check_cross_field(settings: Settings, sources: Sources) -> None:
         except ConfigError as e:
             where = sources.where("dns.nameservers")
             raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+    for key in ("max_age", "delay_warning"):
+        value = getattr(settings.queue, key)
+        if value:
+            try:
+                parse_duration(value)
+            except ValueError as e:
+                raise ConfigError(f"{sources.describe('queue.' + key)}: {e}") from None
+    try:
+        parse_schedule(settings.queue.retry)
+    except ValueError as e:
+        raise ConfigError(f"{sources.describe('queue.retry')}: {e}") from None
     if settings.smtp.size and settings.smtp.size < 1024:
         raise ConfigError(f"{sources.describe('smtp.size')}: {settings.smtp.size} is too small to hold "
                           "a message (0 means no limit)")

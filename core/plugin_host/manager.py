@@ -7,6 +7,7 @@ plugins the operator enables are imported and registered, in the order given.
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -91,7 +92,16 @@ class PluginHost:
             self.register(obj, name)
 
     def register(self, obj: Any, name: str) -> None:
-        """Register an object as a plugin (tests and embedders use this directly)."""
+        """Register an object as a plugin (tests and embedders use this directly).
+
+        An entry point may name a module, an object, or a class; a class is instantiated here,
+        so each relay gets its own plugin state.
+        """
+        if inspect.isclass(obj):
+            try:
+                obj = obj()
+            except Exception as e:
+                raise PluginError(f"plugin {name!r} could not be created: {type(e).__name__}: {e}") from e
         try:
             self.pm.register(obj, name=name)
         except (ValueError, pluggy.PluginValidationError) as e:

@@ -69,6 +69,7 @@ class RelaySMTP(SMTP):
         self._smtp_methods = {name: self._tracked(method) for name, method in self._smtp_methods.items()}
         self.relay_session: Session | None = None
         self.transaction: Transaction | None = None
+        self.messages_accepted = 0
         self._busy = False
         self._closing = False
         self._greeted = False
@@ -334,6 +335,7 @@ class RelaySMTP(SMTP):
             await self.push(problem)
             return
         reply = await self.reception.data(self.relay_session, transaction, body)  # type: ignore[arg-type]
+        self.messages_accepted += reply.startswith("250")
         await self.push(reply)
 
     async def _read_data(self) -> tuple[bytes | None, str]:

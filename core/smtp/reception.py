@@ -132,6 +132,8 @@ class Reception:
                 self.spool.abort(pending)
                 return _spool_reply(e)
 
+        if not quarantine:
+            self.relay.message_committed(message_id)
         self._event("quarantined" if quarantine else "received", session, message_id,
                     sender=transaction.sender, recipients=[r.address for r in transaction.recipients],
                     size=len(message.content), reason=quarantine)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ..net import LISTEN_BACKLOG
 from .protocol import RelaySMTP
@@ -24,11 +24,12 @@ log = logging.getLogger("mailrelay.smtp")
 
 class SmtpServer:
     def __init__(self, reception: Reception, settings: SmtpSettings, hostname: str,
-                 sockets: list[socket.socket]):
+                 sockets: list[socket.socket], on_disconnect: Callable[[int], None] | None = None):
         self.reception = reception
         self.settings = settings
         self.hostname = hostname
         self.sockets = sockets
+        self.on_disconnect = on_disconnect
         self.sessions: set[RelaySMTP] = set()
         self._servers: list[asyncio.base_events.Server] = []
         self._idle = asyncio.Event()
@@ -48,6 +49,8 @@ class SmtpServer:
 
     def session_ended(self, protocol: RelaySMTP) -> None:
         self.sessions.discard(protocol)
+        if self.on_disconnect is not None:
+            self.on_disconnect(protocol.messages_accepted)
         if not self.sessions:
             self._idle.set()
 

@@ -1,0 +1,250 @@
+"""The queue runner: takes ready messages from the spool and drives them to their destinations.
+
+For each message: claim it (``.busy``), run the client-stage filters, ask ``route`` where each
+remote recipient goes, hand each group to ``deliver``, and record the outcome per recipient:
+delivered recipients are done; temporary failures are retried on the schedule, for just those
+recipients; permanent failures (and expiry) bounce to the sender with an RFC 3464 report, and the
+envelope is kept as ``.bad`` with the reason. Every outcome is an ``on_event``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from ..message import Message
+from ..plugin_host import PluginFailure
+from ..spool import Envelope, EnvelopeError
+from ..types import DeliveryResult, Event, FilterAction, Recipient, Route
+from .claim import Claim, claim, recover_stale
+from .outcome import Outcome, settle
+from .schedule import RetryPolicy, parse_duration, parse_schedule
+from .state import Attempt, DeliveryState, load_state, remove_state, save_state
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..relay import Relay
+
+log = logging.getLogger("mailrelay.queue")
+
+
+@dataclass
+class PassSummary:
+    """What one pass over the queue did (``--as-client`` turns it into the exit code)."""
+
+    delivered: int = 0
+    deferred: int = 0
+    failed: int = 0
+    ids: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.deferred == 0 and self.failed == 0
+
+
+class QueueRunner:
+    """One per relay; runs only when some plugin implements ``deliver``."""
+
+    def __init__(self, relay: Relay):
+        self.relay = relay
+        self.settings = relay.settings.queue
+        self.spool = relay.spool
+        self.hooks = relay.hooks
+        self.policy = RetryPolicy(parse_schedule(self.settings.retry), parse_duration(self.settings.max_age))
+        self.delay_warning = parse_duration(self.settings.delay_warning) if self.settings.delay_warning else 0.0
+        self._event = asyncio.Event()
+        self._rescan = False
+        self._earliest: float | None = None
+        self._inflight: dict[str, asyncio.Task[Outcome]] = {}
+        self._slots = asyncio.Semaphore(self.settings.concurrency)
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # ---------------------------------------------------------------- triggers
+    def wake(self) -> None:
+        """Scan soon (a message was received, a client disconnected, an operator asked)."""
+        self._rescan = True
+        self._event.set()
+
+    def note_deferred(self, when: float) -> None:
+        """A message was deferred until ``when``: make sure the runner is awake by then."""
+        if self._earliest is None or when < self._earliest:
+            self._earliest = when
+            self._event.set()
+
+    def start(self) -> None:
+        recover_stale(self.spool.directory)
+        self._rescan = self.settings.at_start or self.settings.after_receive or self.settings.poll >= 0
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="queue-runner")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop scanning; let deliveries in flight finish for ``grace`` seconds, then cancel them
+        (their messages go back to the queue untouched)."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._inflight:
+            _, pending = await asyncio.wait(list(self._inflight.values()), timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _run(self) -> None:
+        # Scan when woken (new mail, a disconnect, the poll interval) or when the earliest
+        # deferred message is due; between scans, deferrals only move the alarm.
+        poll = self.settings.poll if self.settings.poll > 0 else None
+        while not self._stopping:
+            self._event.clear()
+            if self._rescan:
+                self._rescan = False
+                self._earliest = await self.scan()
+            waits = [poll] if poll else []
+            if self._earliest is not None:
+                waits.append(self._earliest - time.time())
+            try:
+                await asyncio.wait_for(self._event.wait(), max(0.0, min(waits)) if waits else None)
+            except asyncio.TimeoutError:
+                self._rescan = True
+
+    # ---------------------------------------------------------------- passes
+    async def scan(self, *, ignore_schedule: bool = False) -> float | None:
+        """Start forwarding every due message; return when the next deferred one is due."""
+        now = time.time()
+        next_due: float | None = None
+        for message_id in self.spool.ids("ready"):
+            if message_id in self._inflight:
+                continue
+            state = load_state(self.spool.directory, message_id, self.spool.content_path(message_id))
+            if state.next_attempt > now and not ignore_schedule:
+                next_due = state.next_attempt if next_due is None else min(next_due, state.next_attempt)
+                continue
+            await self._slots.acquire()
+            claimed = claim(self.spool.directory, message_id)
+            if claimed is None:
+                self._slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._forward(claimed, state))
+            self._inflight[message_id] = task
+            task.add_done_callback(lambda _t, m=message_id: self._done(m))
+        return next_due
+
+    def _done(self, message_id: str) -> None:
+        self._inflight.pop(message_id, None)
+        self._slots.release()
+
+    async def run_once(self) -> PassSummary:
+        """Forward everything in the spool once, ignoring the retry schedule (``--as-client``)."""
+        summary = PassSummary()
+        await self.scan(ignore_schedule=True)
+        while self._inflight:
+            tasks = list(self._inflight.values())
+            for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+                if isinstance(outcome, Outcome):
+                    summary.ids.append(outcome.message_id)
+                    summary.delivered += bool(outcome.delivered) and not outcome.deferred and not outcome.failed
+                    summary.deferred += bool(outcome.deferred)
+                    summary.failed += bool(outcome.failed)
+                else:
+                    summary.failed += 1
+        return summary
+
+    # ---------------------------------------------------------------- one message
+    async def _forward(self, claimed: Claim, state: DeliveryState) -> Outcome:
+        message_id = claimed.message_id
+        try:
+            envelope = Envelope.from_bytes(claimed.busy_path.read_bytes(), source=str(claimed.busy_path))
+            content = self.spool.read_content(message_id)
+        except (OSError, EnvelopeError) as e:
+            log.error("id=%s cannot be read for forwarding: %s", message_id, e)
+            claimed.mark_bad(self.spool.envelope_path(message_id, "bad"))
+            return Outcome(message_id, failed=[], error=str(e), unreadable=True)
+        message = Message(envelope, content, id=message_id, content_path=self.spool.content_path(message_id))
+        pending = [r for r in envelope.remote_recipients if r.address not in state.delivered]
+        now = time.time()
+        if not pending:
+            log.info("id=%s has no remote recipients left; nothing to forward", message_id)
+            return await settle(self, claimed, message, state, delivered=[], deferred=[], failed=[], now=now)
+
+        verdict = await self.hooks.filter_chain(message, "client")
+        if verdict.action is FilterAction.ABANDON:
+            self._remove(message_id)
+            claimed.finish()
+            self.hooks.emit(Event("message.abandoned", message_id=message_id))
+            return Outcome(message_id)
+        if verdict.action is not FilterAction.OK:
+            code = verdict.code or (451 if verdict.action is FilterAction.FAIL else 550)
+            result = [DeliveryResult(r, "temp" if code < 500 else "perm", code,
+                                     verdict.text or "rejected by client filter") for r in pending]
+            return await self._record(claimed, message, state, result, "client filter", now)
+
+        results: list[DeliveryResult] = []
+        for route, recipients in await self._routes(message, pending):
+            batch = replace(message, envelope=replace(envelope, recipients=tuple(recipients)))
+            results += await self._deliver(route, batch, recipients)
+        return await self._record(claimed, message, state, results, "", now)
+
+    async def _routes(self, message: Message,
+                      recipients: list[Recipient]) -> list[tuple[Route | None, list[Recipient]]]:
+        """Recipients grouped by route (``None``: nobody knows a route for them)."""
+        groups: dict[tuple[str, str], tuple[Route | None, list[Recipient]]] = {}
+        override = message.envelope.forward_to_address or message.envelope.forward_to
+        for recipient in recipients:
+            route: Route | None
+            if override:  # a filter chose the next hop (E-MailRelay's ForwardTo fields)
+                route = Route("smarthost", override)
+            else:
+                try:
+                    route = await self.hooks.first("route", message=message, recipient=recipient)
+                except PluginFailure as e:
+                    log.error("%s", e)
+                    route = None
+            key = (route.kind, route.destination) if route is not None else ("", "")
+            groups.setdefault(key, (route, []))[1].append(recipient)
+        return list(groups.values())
+
+    async def _deliver(self, route: Route | None, batch: Message,
+                       recipients: list[Recipient]) -> list[DeliveryResult]:
+        if route is None:
+            return [DeliveryResult(r, "temp", 451, "4.3.5 no route to this recipient (check the routing "
+                                   "configuration)") for r in recipients]
+        try:
+            results = await self.hooks.first("deliver", route=route, batch=[batch])
+        except PluginFailure as e:
+            log.error("%s", e)
+            results = None
+            text = f"4.3.0 delivery plugin failed: {e}"
+        else:
+            text = "4.3.5 no delivery plugin handles this route"
+        if not results:
+            return [DeliveryResult(r, "temp", 451, text) for r in recipients]
+        by_address = {r.recipient.address: r for r in results}
+        return [by_address.get(r.address) or DeliveryResult(r, "temp", 451, "4.3.0 no result from delivery")
+                for r in recipients]
+
+    async def _record(self, claimed: Claim, message: Message, state: DeliveryState,
+                      results: list[DeliveryResult], destination: str, now: float) -> Outcome:
+        by_status: dict[str, list[DeliveryResult]] = {"ok": [], "temp": [], "perm": []}
+        for result in results:
+            by_status[result.status].append(result)
+        for status, group in by_status.items():
+            if group:
+                state.attempts.append(Attempt(now, status, tuple(r.recipient.address for r in group),  # type: ignore[arg-type]
+                                              "; ".join(sorted({f"{r.code} {r.text}".strip() for r in group})),
+                                              destination))
+        return await settle(self, claimed, message, state, delivered=by_status["ok"],
+                            deferred=by_status["temp"], failed=by_status["perm"], now=now)
+
+    def _remove(self, message_id: str) -> None:
+        for path in (self.spool.envelope_path(message_id, "busy"), self.spool.content_path(message_id)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        remove_state(self.spool.directory, message_id)
+
+    def save(self, message_id: str, state: DeliveryState) -> None:
+        save_state(self.spool.directory, message_id, state)

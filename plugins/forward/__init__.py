@@ -1,0 +1,1 @@
+"""Forwarding plugins: smarthost and MX routing, the SMTP client."""

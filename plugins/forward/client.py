@@ -1,0 +1,193 @@
+"""The SMTP client that forwards messages: aiosmtplib underneath, connections reused per destination.
+
+One transaction per message: MAIL (with SIZE, BODY=8BITMIME and SMTPUTF8 as the message needs and
+the server offers), RCPT per recipient with each reply kept, DATA for the accepted ones. STARTTLS
+is used when offered (required with ``tls = "required"``). A destination that refuses the
+connection or drops it is a temporary failure; with MX routing the next host is tried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from mailrelay_sdk import DeliveryResult, Message, Recipient
+
+log = logging.getLogger("mailrelay.forward")
+
+IDLE_LIMIT = 20.0  # seconds an unused connection is kept (servers drop idle clients after ~30-300 s)
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    helo: str
+    connection_timeout: float = 40.0
+    response_timeout: float = 60.0
+    client_interface: str = ""
+    tls: str = "opportunistic"      # "opportunistic", "required" or "off"
+    tls_verify: bool = False
+    connections_per_destination: int = 4
+    all_or_nothing: bool = False    # --forward-to-all: one refused recipient fails the message
+
+
+class HopError(Exception):
+    """The destination could not be used at all (connect, greeting, EHLO, TLS): try the next one."""
+
+
+def _status(code: int) -> str:
+    return "ok" if 200 <= code < 300 else ("temp" if 400 <= code < 500 else "perm")
+
+
+def _reply_text(message: str) -> str:
+    return " ".join(message.split())
+
+
+class Destination:
+    """Idle connections and a concurrency limit for one host:port."""
+
+    def __init__(self, host: str, port: int, limit: int):
+        self.host, self.port = host, port
+        self.idle: list[tuple[float, aiosmtplib.SMTP]] = []
+        self.slots = asyncio.Semaphore(limit)
+
+
+class SmtpClient:
+    def __init__(self, options: ClientOptions):
+        self.options = options
+        self._destinations: dict[tuple[str, int], Destination] = {}
+
+    def _destination(self, host: str, port: int) -> Destination:
+        key = (host, port)
+        if key not in self._destinations:
+            self._destinations[key] = Destination(host, port, self.options.connections_per_destination)
+        return self._destinations[key]
+
+    async def _connect(self, host: str, port: int) -> aiosmtplib.SMTP:
+        opts = self.options
+        tls_context = None
+        if opts.tls != "off" and not opts.tls_verify:
+            tls_context = ssl.create_default_context()
+            tls_context.check_hostname = False
+            tls_context.verify_mode = ssl.CERT_NONE
+        client = aiosmtplib.SMTP(
+            hostname=host, port=port, local_hostname=opts.helo, timeout=opts.connection_timeout,
+            source_address=(opts.client_interface, 0) if opts.client_interface else None,
+            start_tls=False, validate_certs=opts.tls_verify, tls_context=tls_context)
+        try:
+            await client.connect()
+            await client.ehlo(timeout=opts.response_timeout)
+            if opts.tls != "off" and client.supports_extension("starttls"):
+                await client.starttls(timeout=opts.response_timeout)
+            elif opts.tls == "required":
+                raise HopError(f"{host}:{port} does not offer STARTTLS and TLS is required")
+        except HopError:
+            client.close()
+            raise
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as e:
+            client.close()
+            raise HopError(f"{host}:{port}: {type(e).__name__}: {e}") from None
+        return client
+
+    async def _checkout(self, dest: Destination) -> aiosmtplib.SMTP:
+        now = time.monotonic()
+        while dest.idle:
+            since, client = dest.idle.pop()
+            if client.is_connected and now - since < IDLE_LIMIT:
+                return client
+            client.close()
+        return await self._connect(dest.host, dest.port)
+
+    async def send(self, hosts: list[tuple[str, int]], message: Message,
+                   recipients: list[Recipient]) -> list[DeliveryResult]:
+        """Try ``hosts`` in order until one takes the transaction; one result per recipient."""
+        last_error = "no destination"
+        for host, port in hosts:
+            dest = self._destination(host, port)
+            async with dest.slots:
+                try:
+                    client = await self._checkout(dest)
+                except HopError as e:
+                    last_error = str(e)
+                    log.info("id=%s cannot use %s:%d: %s", message.id, host, port, e)
+                    continue
+                try:
+                    results = await self._transaction(client, message, recipients)
+                except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError,
+                        asyncio.TimeoutError) as e:
+                    client.close()
+                    last_error = f"{host}:{port}: connection lost: {e}"
+                    continue
+                if client.is_connected:
+                    dest.idle.append((time.monotonic(), client))
+                return [DeliveryResult(r.recipient, r.status, r.code, r.text + f" (from {host}:{port})")
+                        if r.status != "ok" else r for r in results]
+        return [DeliveryResult(r, "temp", 451, f"4.4.1 {last_error}") for r in recipients]
+
+    async def _transaction(self, client: aiosmtplib.SMTP, message: Message,
+                           recipients: list[Recipient]) -> list[DeliveryResult]:
+        envelope = message.envelope
+        timeout = self.options.response_timeout
+        utf8 = not (envelope.sender.isascii() and all(r.address.isascii() for r in recipients))
+        options: list[str] = []
+        if client.supports_extension("size"):
+            options.append(f"SIZE={len(message.content)}")
+        if envelope.content == "8bit":
+            if not client.supports_extension("8bitmime"):
+                return [DeliveryResult(r, "perm", 554, "5.6.3 the next hop does not support 8BITMIME and "
+                                       "the message has 8-bit content") for r in recipients]
+            options.append("BODY=8BITMIME")
+        if utf8:
+            if not client.supports_extension("smtputf8"):
+                return [DeliveryResult(r, "perm", 553, "5.6.7 the next hop does not support SMTPUTF8, "
+                                       "needed for this message's addresses") for r in recipients]
+            options.append("SMTPUTF8")
+        encoding = "utf-8" if utf8 else "ascii"
+        try:
+            await client.mail(envelope.sender, options=options, encoding=encoding, timeout=timeout)
+        except aiosmtplib.SMTPSenderRefused as e:
+            await self._reset(client)
+            return [DeliveryResult(r, _status(e.code), e.code, _reply_text(e.message)) for r in recipients]
+        results: dict[str, DeliveryResult] = {}
+        accepted: list[Recipient] = []
+        for recipient in recipients:
+            try:
+                await client.rcpt(recipient.address, encoding=encoding, timeout=timeout)
+                accepted.append(recipient)
+            except aiosmtplib.SMTPRecipientRefused as e:
+                results[recipient.address] = DeliveryResult(recipient, _status(e.code), e.code, _reply_text(e.message))
+        if not accepted or (self.options.all_or_nothing and results):
+            await self._reset(client)
+            for r in accepted:
+                results[r.address] = DeliveryResult(r, "perm", 550, "5.5.0 not sent: other recipients were refused "
+                                                    "and --forward-to-all is in effect")
+            return [results[r.address] for r in recipients]
+        try:
+            reply = await client.data(message.content, timeout=timeout)
+        except aiosmtplib.SMTPDataError as e:
+            for r in accepted:
+                results[r.address] = DeliveryResult(r, _status(e.code), e.code, _reply_text(e.message))
+        else:
+            for r in accepted:
+                results[r.address] = DeliveryResult(r, "ok", reply.code, _reply_text(reply.message))
+        return [results[r.address] for r in recipients]
+
+    @staticmethod
+    async def _reset(client: aiosmtplib.SMTP) -> None:
+        try:
+            await client.rset()
+        except (aiosmtplib.SMTPException, OSError):
+            client.close()
+
+    async def close(self) -> None:
+        for dest in self._destinations.values():
+            for _, client in dest.idle:
+                try:
+                    await asyncio.wait_for(client.quit(), 2)
+                except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+                    client.close()
+            dest.idle.clear()

@@ -1,0 +1,106 @@
+"""SMTP servers for the relay to forward to: an aiosmtpd sink that can refuse recipients, drop the
+connection in DATA or stall, and Postfix's smtp-sink as a peer nobody here wrote."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import threading
+import time
+from dataclasses import dataclass, field
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    content: bytes
+    options: list[str]
+
+    @property
+    def message(self) -> email.message.EmailMessage:
+        return email.message_from_bytes(self.content, policy=email.policy.default)  # type: ignore[return-value]
+
+
+@dataclass
+class Behaviour:
+    """What the sink does; change it while the test runs."""
+
+    refuse: dict[str, str] = field(default_factory=dict)  # recipient substring -> reply ("550 5.1.1 ...")
+    drop_in_data: bool = False                            # close the connection instead of answering DATA
+    stall_in_data: float = 0.0                            # seconds to wait before answering DATA
+    smtputf8: bool = True
+
+
+class SinkHandler:
+    def __init__(self, behaviour: Behaviour):
+        self.behaviour = behaviour
+        self.received: list[Received] = []
+        self.connections = 0
+        self.lock = threading.Lock()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        for needle, reply in self.behaviour.refuse.items():
+            if needle in address:
+                return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.behaviour.stall_in_data:
+            await asyncio.sleep(self.behaviour.stall_in_data)
+        if self.behaviour.drop_in_data:
+            server.transport.close()
+            return "421 4.3.0 dropping"  # never arrives: the connection is gone
+        with self.lock:
+            sender = "" if envelope.mail_from in ("<>", None) else envelope.mail_from  # aiosmtpd keeps "<>"
+            self.received.append(Received(sender, list(envelope.rcpt_tos),
+                                          envelope.original_content, list(envelope.mail_options)))
+        return "250 2.0.0 stored"
+
+
+class CountingSMTP(SMTP):
+    def connection_made(self, transport):
+        self.event_handler.connections += 1
+        super().connection_made(transport)
+
+
+class Sink:
+    """An aiosmtpd server on 127.0.0.1 in a thread."""
+
+    def __init__(self, port: int, behaviour: Behaviour | None = None):
+        self.behaviour = behaviour or Behaviour()
+        self.handler = SinkHandler(self.behaviour)
+        self.port = port
+        self.controller = _Controller(self.handler, hostname="127.0.0.1", port=port,
+                                      enable_SMTPUTF8=self.behaviour.smtputf8, ready_timeout=10)
+
+    def start(self) -> "Sink":
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+    @property
+    def received(self) -> list[Received]:
+        with self.handler.lock:
+            return list(self.handler.received)
+
+    def wait_for(self, count: int, timeout: float = 15.0) -> list[Received]:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            got = self.received
+            if len(got) >= count:
+                return got
+            time.sleep(0.02)
+        raise AssertionError(f"sink got {len(self.received)} message(s), expected {count}")
+
+
+class _Controller(Controller):
+    def factory(self):
+        return CountingSMTP(self.handler, **self.SMTP_kwargs)
