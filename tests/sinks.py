@@ -34,6 +34,7 @@ class Behaviour:
     drop_in_data: bool = False                            # close the connection instead of answering DATA
     stall_in_data: float = 0.0                            # seconds to wait before answering DATA
     smtputf8: bool = True
+    pipelining: bool = False                              # advertise PIPELINING (aiosmtpd reads commands in order anyway)
 
 
 class SinkHandler:
@@ -42,6 +43,12 @@ class SinkHandler:
         self.received: list[Received] = []
         self.connections = 0
         self.lock = threading.Lock()
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.behaviour.pipelining:
+            responses.insert(1, "250-PIPELINING")
+        return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         for needle, reply in self.behaviour.refuse.items():

@@ -86,8 +86,10 @@ def test_message_is_forwarded_to_the_smarthost_and_leaves_the_spool(inprocess_re
     wait_until(lambda: events.names().count("message.delivered") == 2, what="delivered events")
 
 
-def test_per_recipient_outcomes_retry_only_the_deferred(inprocess_relay, sink):
-    target = sink(Behaviour(refuse={"later": "451 4.2.1 mailbox busy", "nobody": "550 5.1.1 no such user"}))
+@pytest.mark.parametrize("pipelining", [False, True], ids=["sequential", "pipelined"])
+def test_per_recipient_outcomes_retry_only_the_deferred(inprocess_relay, sink, pipelining):
+    target = sink(Behaviour(refuse={"later": "451 4.2.1 mailbox busy", "nobody": "550 5.1.1 no such user"},
+                            pipelining=pipelining))
     relay = inprocess_relay(enable=["forward"], config=forwarding(target.port, retry=["1h"]))
     with smtplib.SMTP("127.0.0.1", relay.port) as client:
         client.sendmail("a@example.test", ["ok@far.test", "later@far.test", "nobody@far.test"], MSG)

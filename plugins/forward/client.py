@@ -18,6 +18,8 @@ import aiosmtplib
 
 from mailrelay_sdk import DeliveryResult, Message, Recipient
 
+from .pipelining import pipelined_transaction
+
 log = logging.getLogger("mailrelay.forward")
 
 IDLE_LIMIT = 20.0  # seconds an unused connection is kept (servers drop idle clients after ~30-300 s)
@@ -33,6 +35,7 @@ class ClientOptions:
     tls_verify: bool = False
     connections_per_destination: int = 4
     all_or_nothing: bool = False    # --forward-to-all: one refused recipient fails the message
+    pipelining: bool = True         # pipeline MAIL/RCPT/DATA when the server offers PIPELINING
 
 
 class HopError(Exception):
@@ -131,7 +134,6 @@ class SmtpClient:
     async def _transaction(self, client: aiosmtplib.SMTP, message: Message,
                            recipients: list[Recipient]) -> list[DeliveryResult]:
         envelope = message.envelope
-        timeout = self.options.response_timeout
         utf8 = not (envelope.sender.isascii() and all(r.address.isascii() for r in recipients))
         options: list[str] = []
         if client.supports_extension("size"):
@@ -147,6 +149,13 @@ class SmtpClient:
                                        "needed for this message's addresses") for r in recipients]
             options.append("SMTPUTF8")
         encoding = "utf-8" if utf8 else "ascii"
+        addresses = [envelope.sender, *(r.address for r in recipients)]
+        if any(c in a for a in addresses for c in "\r\n\0<>"):
+            return [DeliveryResult(r, "perm", 501, "5.1.3 address contains characters that cannot be sent")
+                    for r in recipients]
+        if self.options.pipelining and client.supports_extension("pipelining"):
+            return await self._pipelined(client, message, recipients, options, encoding)
+        timeout = self.options.response_timeout
         try:
             await client.mail(envelope.sender, options=options, encoding=encoding, timeout=timeout)
         except aiosmtplib.SMTPSenderRefused as e:
@@ -160,6 +169,41 @@ class SmtpClient:
                 accepted.append(recipient)
             except aiosmtplib.SMTPRecipientRefused as e:
                 results[recipient.address] = DeliveryResult(recipient, _status(e.code), e.code, _reply_text(e.message))
+        return await self._finish(client, message, recipients, accepted, results)
+
+    async def _pipelined(self, client: aiosmtplib.SMTP, message: Message, recipients: list[Recipient],
+                         options: list[str], encoding: str) -> list[DeliveryResult]:
+        def command(verb: bytes, address: str, extra: list[str]) -> bytes:
+            return b" ".join([verb + b"<" + address.encode(encoding) + b">", *(o.encode() for o in extra)])
+
+        replies = await pipelined_transaction(
+            client, command(b"MAIL FROM:", message.envelope.sender, options),
+            [command(b"RCPT TO:", r.address, []) for r in recipients], message.content,
+            self.options.response_timeout, send_data=not self.options.all_or_nothing)
+        mail = replies.mail
+        if not 200 <= mail.code < 300:
+            await self._reset(client)
+            return [DeliveryResult(r, _status(mail.code), mail.code, _reply_text(mail.message)) for r in recipients]
+        results: dict[str, DeliveryResult] = {}
+        accepted: list[Recipient] = []
+        for recipient, reply in zip(recipients, replies.rcpts):
+            if 200 <= reply.code < 300:
+                accepted.append(recipient)
+            else:
+                results[recipient.address] = DeliveryResult(recipient, _status(reply.code), reply.code,
+                                                            _reply_text(reply.message))
+        if replies.data is None:  # DATA was held back (--forward-to-all): decide now
+            return await self._finish(client, message, recipients, accepted, results)
+        outcome = replies.final or replies.data
+        if replies.final is None:
+            await self._reset(client)
+        for r in accepted:
+            results[r.address] = DeliveryResult(r, _status(outcome.code), outcome.code, _reply_text(outcome.message))
+        return [results[r.address] for r in recipients]
+
+    async def _finish(self, client: aiosmtplib.SMTP, message: Message, recipients: list[Recipient],
+                      accepted: list[Recipient], results: dict[str, DeliveryResult]) -> list[DeliveryResult]:
+        """DATA for the accepted recipients (sequential path, or after held-back DATA)."""
         if not accepted or (self.options.all_or_nothing and results):
             await self._reset(client)
             for r in accepted:
@@ -167,7 +211,7 @@ class SmtpClient:
                                                     "and --forward-to-all is in effect")
             return [results[r.address] for r in recipients]
         try:
-            reply = await client.data(message.content, timeout=timeout)
+            reply = await client.data(message.content, timeout=self.options.response_timeout)
         except aiosmtplib.SMTPDataError as e:
             for r in accepted:
                 results[r.address] = DeliveryResult(r, _status(e.code), e.code, _reply_text(e.message))
