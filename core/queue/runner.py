@@ -111,12 +111,12 @@ class QueueRunner:
                 self._rescan = True
 
     # ---------------------------------------------------------------- passes
-    async def scan(self, *, ignore_schedule: bool = False) -> float | None:
+    async def scan(self, *, ignore_schedule: bool = False, skip: set[str] | None = None) -> float | None:
         """Start forwarding every due message; return when the next deferred one is due."""
         now = time.time()
         next_due: float | None = None
         for message_id in self.spool.ids("ready"):
-            if message_id in self._inflight:
+            if message_id in self._inflight or (skip and message_id in skip):
                 continue
             state = load_state(self.spool.directory, message_id, self.spool.content_path(message_id))
             if state.next_attempt > now and not ignore_schedule:
@@ -137,20 +137,30 @@ class QueueRunner:
         self._slots.release()
 
     async def run_once(self) -> PassSummary:
-        """Forward everything in the spool once, ignoring the retry schedule (``--as-client``)."""
+        """Forward everything in the spool once, ignoring the retry schedule (``--as-client``).
+
+        Messages that appear during the pass (the bounces it generates) are forwarded too; each
+        message is tried at most once, so a deferred one cannot keep the pass going.
+        """
         summary = PassSummary()
-        await self.scan(ignore_schedule=True)
-        while self._inflight:
-            tasks = list(self._inflight.values())
-            for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+        tried: set[str] = set()
+        while True:
+            await self.scan(ignore_schedule=True, skip=tried)
+            if not self._inflight:
+                return summary
+            tried.update(self._inflight)
+            for outcome in await asyncio.gather(*self._inflight.values(), return_exceptions=True):
                 if isinstance(outcome, Outcome):
                     summary.ids.append(outcome.message_id)
-                    summary.delivered += bool(outcome.delivered) and not outcome.deferred and not outcome.failed
-                    summary.deferred += bool(outcome.deferred)
-                    summary.failed += bool(outcome.failed)
+                    if outcome.failed or outcome.unreadable:
+                        summary.failed += 1
+                    elif outcome.deferred:
+                        summary.deferred += 1
+                    else:
+                        summary.delivered += 1
                 else:
+                    log.error("forwarding failed: %s", outcome)
                     summary.failed += 1
-        return summary
 
     # ---------------------------------------------------------------- one message
     async def _forward(self, claimed: Claim, state: DeliveryState) -> Outcome:

@@ -28,6 +28,7 @@ _SUFFIX: dict[State, str] = {"new": ".envelope.new", "ready": ".envelope", "busy
                              "bad": ".envelope.bad"}
 # Anything that names a file in the spool must match this: no path separators, no dot-dot.
 _ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}")
+_SEQUENCE = itertools.count(1)
 ORPHAN_AGE = 600.0  # seconds before a leftover .new or content-only file is swept at start-up
 
 
@@ -61,7 +62,6 @@ class Spool:
         self.directory = Path(directory)
         self.durable = durable
         self._committer = GroupCommitter(str(self.directory), durable=durable, sync_method=sync_method)
-        self._seq = itertools.count(1)
         self._pid = os.getpid()
 
     @property
@@ -117,7 +117,9 @@ class Spool:
 
     # ---------------------------------------------------------------- writing
     def new_id(self) -> str:
-        return f"emailrelay.{self._pid}.{int(time.time())}.{next(self._seq)}"
+        # The sequence is per process, not per Spool: two relays in one process (tests, embedders)
+        # must not hand out the same id in the same second.
+        return f"emailrelay.{self._pid}.{int(time.time())}.{next(_SEQUENCE)}"
 
     def content_path(self, message_id: str) -> Path:
         return self.directory / f"{message_id}.content"
