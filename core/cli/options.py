@@ -89,6 +89,25 @@ def _as_proxy(raw: dict[str, Any], value: Any) -> None:
     _forward_to(raw, value)
 
 
+def _client_smtp_config(raw: dict[str, Any], value: Any) -> None:
+    """E-MailRelay's client keywords: pipelining is a setting; the strict ones are always in
+    effect here (a next hop without SMTPUTF8/8BITMIME gets no message that needs them)."""
+    for item in _split_list(value):
+        word, on = item.lower(), True
+        for prefix, state in (("+", True), ("with-", True), ("-", False), ("without-", False), ("no", False)):
+            if word.startswith(prefix) and word[len(prefix):] in _CLIENT_KEYWORDS:
+                word, on = word[len(prefix):], state
+                break
+        if word not in _CLIENT_KEYWORDS:
+            raise ConfigError(f"--client-smtp-config: unknown keyword {item!r} "
+                              f"(known: {', '.join(sorted(_CLIENT_KEYWORDS))})")
+        if word == "pipelining":
+            raw.setdefault("forward", {})["pipelining"] = on
+
+
+_CLIENT_KEYWORDS = {"pipelining", "smtputf8strict", "eightbitstrict", "binarymimestrict"}
+
+
 def _smtp_config(raw: dict[str, Any], value: Any) -> None:
     raw.setdefault("smtp", {}).update(parse_smtp_config(value))
 
@@ -160,6 +179,8 @@ OPTIONS: list[Option] = [
            "seconds to wait for each reply of the next hop (default 60)", "SECONDS"),
     Option("client-interface", "6", "value", _set("forward", "client_interface"),
            "local address to forward from", "ADDRESS"),
+    Option("client-smtp-config", None, "multi", _client_smtp_config,
+           "SMTP client features: [+|-]pipelining (default on)", "CONFIG"),
     Option("forward-to-all", None, "flag", lambda raw, v: raw.setdefault("forward", {}).update(recipients="all"),
            "fail the message if the next hop refuses any recipient"),
     Option("forward-to-some", None, "flag",

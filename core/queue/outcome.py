@@ -21,7 +21,7 @@ from ..spool import Envelope, SpoolError
 from ..types import DeliveryResult, Event, Recipient
 from .claim import Claim
 from .dsn import RecipientReport, build_dsn, is_bounce
-from .state import DeliveryState
+from .state import DeliveryState, fresh_state
 
 if TYPE_CHECKING:  # pragma: no cover
     from .runner import QueueRunner
@@ -63,6 +63,8 @@ async def settle(runner: QueueRunner, claimed: Claim, message: Message, state: D
         runner.hooks.emit(Event("message.delivered", message_id=message_id,
                                 data={"recipient": result.recipient.address, "reply": f"{result.code} {result.text}"}))
 
+    if (deferred or failed) and not state.received:
+        state.received = fresh_state(runner.spool.content_path(message_id)).received
     next_attempt = runner.policy.next_attempt(state.received, state.failures, now) if deferred else None
     if deferred and next_attempt is None:
         outcome.expired = True
@@ -106,7 +108,7 @@ async def settle(runner: QueueRunner, claimed: Claim, message: Message, state: D
         claimed.mark_bad(runner.spool.envelope_path(message_id, "bad"))
         log.warning("id=%s failed: %s", message_id, reason)
     else:
-        runner._remove(message_id)
+        runner._remove(message_id, state)
         claimed.finish()
         if delivered:
             log.info("id=%s delivered to %d recipient(s)", message_id, len(delivered))

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..message import Message
 from ..plugin_host import PluginFailure
-from ..spool import Envelope, EnvelopeError
+from ..spool import Envelope, EnvelopeError, is_valid_id
 from ..types import DeliveryResult, Event, FilterAction, Recipient, Route
 from .claim import Claim, claim, recover_stale
 from .outcome import Outcome, settle
@@ -115,10 +115,16 @@ class QueueRunner:
         """Start forwarding every due message; return when the next deferred one is due."""
         now = time.time()
         next_due: float | None = None
-        for message_id in self.spool.ids("ready"):
-            if message_id in self._inflight or (skip and message_id in skip):
+        names = os.listdir(self.spool.directory)
+        with_state = {n[: -len(".retry")] for n in names if n.endswith(".retry")}
+        for message_id in sorted(n[: -len(".envelope")] for n in names if n.endswith(".envelope")):
+            if message_id in self._inflight or (skip and message_id in skip) or not is_valid_id(message_id):
                 continue
-            state = load_state(self.spool.directory, message_id, self.spool.content_path(message_id))
+            content_path = self.spool.content_path(message_id)
+            if message_id in with_state:
+                state = load_state(self.spool.directory, message_id, content_path)
+            else:  # never tried: no sidecar to read; its age is needed only if it is deferred
+                state = DeliveryState(received=0.0)
             if state.next_attempt > now and not ignore_schedule:
                 next_due = state.next_attempt if next_due is None else min(next_due, state.next_attempt)
                 continue
@@ -248,13 +254,14 @@ class QueueRunner:
         return await settle(self, claimed, message, state, delivered=by_status["ok"],
                             deferred=by_status["temp"], failed=by_status["perm"], now=now)
 
-    def _remove(self, message_id: str) -> None:
+    def _remove(self, message_id: str, state: DeliveryState | None = None) -> None:
         for path in (self.spool.envelope_path(message_id, "busy"), self.spool.content_path(message_id)):
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        remove_state(self.spool.directory, message_id)
+        if state is None or state.persisted:
+            remove_state(self.spool.directory, message_id)
 
     def save(self, message_id: str, state: DeliveryState) -> None:
         save_state(self.spool.directory, message_id, state)

@@ -37,6 +37,7 @@ class DeliveryState:
     delivered: list[str] = field(default_factory=list)
     next_attempt: float = 0.0
     warned_delay: bool = False
+    persisted: bool = field(default=False, compare=False, repr=False)  # a sidecar exists on disk
 
     @property
     def failures(self) -> int:
@@ -51,7 +52,9 @@ class DeliveryState:
         return ""
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
+        data = asdict(self)
+        data.pop("persisted")
+        return json.dumps(data, ensure_ascii=False, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "DeliveryState":
@@ -69,12 +72,22 @@ def state_path(directory: Path, message_id: str) -> Path:
     return directory / f"{message_id}{SUFFIX}"
 
 
+def fresh_state(content_path: Path) -> DeliveryState:
+    """The state of a message never tried before (received = its content file's time)."""
+    try:
+        return DeliveryState(received=content_path.stat().st_mtime)
+    except OSError:
+        return DeliveryState(received=0.0)
+
+
 def load_state(directory: Path, message_id: str, content_path: Path) -> DeliveryState:
     """The message's state; a fresh one (received = the content file's time) when there is none
     or it is unreadable (which is logged: the message is still delivered)."""
     path = state_path(directory, message_id)
     try:
-        return DeliveryState.from_json(path.read_text(encoding="utf-8"))
+        state = DeliveryState.from_json(path.read_text(encoding="utf-8"))
+        state.persisted = True
+        return state
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -91,6 +104,7 @@ def save_state(directory: Path, message_id: str, state: DeliveryState) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(state.to_json(), encoding="utf-8")
     os.replace(tmp, path)
+    state.persisted = True
 
 
 def remove_state(directory: Path, message_id: str) -> None:

@@ -27,7 +27,10 @@ MAX_REPLY = 64 * 1024
 def encode_data(content: bytes) -> bytes:
     """The DATA payload: CRLF line ends only (a bare CR or LF kept in the spool can never end a
     line downstream, so smuggling stops here), dot-stuffed, with the terminating ``.``."""
-    data = _LEADING_DOT.sub(b"..", normalize_message_line_endings(content))
+    crlf = content.count(b"\r\n")
+    if content.count(b"\r") != crlf or content.count(b"\n") != crlf:  # a bare CR or LF somewhere
+        content = normalize_message_line_endings(content)
+    data = _LEADING_DOT.sub(b"..", content) if content.startswith(b".") or b"\n." in content else content
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data + b".\r\n"
@@ -87,8 +90,9 @@ class ReplyReader(asyncio.Protocol):
                 raise self.error
             self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait_for(self._waiter, timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout):
+                    await self._waiter
+            except TimeoutError:
                 raise aiosmtplib.SMTPReadTimeoutError("timed out waiting for the server's reply") from None
         return self.replies.popleft()
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from mailrelay_sdk import DeliveryResult, Message, Recipient, Route, hookimpl
 
 from .client import ClientOptions, SmtpClient
+from .limits import Limits
 from .mx import MxError, resolve_mail_hosts
 from .routing import RoutingTable, parse_hostport
 
@@ -33,6 +34,7 @@ class ForwardSettings:
     tls_verify: bool = False
     connections_per_destination: int = 4
     recipients: Literal["some", "all"] = "some"  # --forward-to-some / --forward-to-all
+    pipelining: bool = True             # --client-smtp-config [-]pipelining
 
 
 class ForwardPlugin:
@@ -43,21 +45,24 @@ class ForwardPlugin:
         self.client: SmtpClient | None = None
         self.settings = ForwardSettings()
         self.resolver: Any = None
+        self.limits = Limits({})
 
     @hookimpl
     def relay_config_schema(self) -> dict[str, type]:
-        return {"forward": ForwardSettings, "routes": dict}
+        return {"forward": ForwardSettings, "routes": dict, "limits": dict}
 
     @hookimpl
     def relay_startup(self, relay: Any) -> None:
         self.settings = relay.plugin_settings("forward")
         self.table = RoutingTable(self.settings.to, relay.plugin_settings("routes"))
+        self.limits = Limits(relay.plugin_settings("limits"))
         self.resolver = relay.resolver
         s = self.settings
         self.client = SmtpClient(ClientOptions(
             helo=relay.domain, connection_timeout=s.connection_timeout, response_timeout=s.response_timeout,
             client_interface=s.client_interface, tls=s.tls, tls_verify=s.tls_verify,
-            connections_per_destination=s.connections_per_destination, all_or_nothing=s.recipients == "all"))
+            connections_per_destination=s.connections_per_destination, all_or_nothing=s.recipients == "all",
+            pipelining=s.pipelining))
 
     @hookimpl
     async def relay_shutdown(self) -> None:
@@ -87,5 +92,6 @@ class ForwardPlugin:
                                 for r in recipients]
                     continue
                 hosts = [(address, self.settings.mx_port) for host in mail_hosts for address in host.addresses]
-            results += await self.client.send(hosts, message, recipients)
+            async with self.limits.slot(recipients[0].domain if recipients else ""):
+                results += await self.client.send(hosts, message, recipients)
         return results
