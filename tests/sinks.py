@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult
 
 
 @dataclass
@@ -77,14 +77,27 @@ class CountingSMTP(SMTP):
 
 
 class Sink:
-    """An aiosmtpd server on 127.0.0.1 in a thread."""
+    """An aiosmtpd server on 127.0.0.1 in a thread; with ``tls_context`` it offers STARTTLS, with
+    ``account`` (name, password) it offers AUTH PLAIN/LOGIN after STARTTLS and requires it."""
 
-    def __init__(self, port: int, behaviour: Behaviour | None = None):
+    def __init__(self, port: int, behaviour: Behaviour | None = None, *, tls_context=None,
+                 account: tuple[str, str] | None = None):
         self.behaviour = behaviour or Behaviour()
         self.handler = SinkHandler(self.behaviour)
         self.port = port
+        self.logins: list[str] = []
+        kwargs: dict = {}
+        if tls_context is not None:
+            kwargs.update(tls_context=tls_context, require_starttls=True, server_hostname="localhost")
+        if account is not None:
+            def authenticator(server, session, envelope, mechanism, auth_data):
+                ok = (auth_data.login.decode(), auth_data.password.decode()) == account
+                if ok:
+                    self.logins.append(auth_data.login.decode())
+                return AuthResult(success=ok, handled=False)  # handled=False: aiosmtpd sends the 535
+            kwargs.update(authenticator=authenticator, auth_required=True, auth_require_tls=True)
         self.controller = _Controller(self.handler, hostname="127.0.0.1", port=port,
-                                      enable_SMTPUTF8=self.behaviour.smtputf8, ready_timeout=10)
+                                      enable_SMTPUTF8=self.behaviour.smtputf8, ready_timeout=10, **kwargs)
 
     def start(self) -> "Sink":
         self.controller.start()

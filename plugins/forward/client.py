@@ -9,6 +9,7 @@ connection or drops it is a temporary failure; with MX routing the next host is 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import ssl
 import time
@@ -36,10 +37,18 @@ class ClientOptions:
     connections_per_destination: int = 4
     all_or_nothing: bool = False    # --forward-to-all: one refused recipient fails the message
     pipelining: bool = True         # pipeline MAIL/RCPT/DATA when the server offers PIPELINING
+    auth: tuple[str, str] | None = None  # (name, password) from --client-auth
 
 
 class HopError(Exception):
     """The destination could not be used at all (connect, greeting, EHLO, TLS): try the next one."""
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _status(code: int) -> str:
@@ -88,8 +97,11 @@ class SmtpClient:
             await client.ehlo(timeout=opts.response_timeout)
             if opts.tls != "off" and client.supports_extension("starttls"):
                 await client.starttls(timeout=opts.response_timeout)
+                await client.ehlo(timeout=opts.response_timeout)  # RFC 3207: extensions may change
             elif opts.tls == "required":
                 raise HopError(f"{host}:{port} does not offer STARTTLS and TLS is required")
+            if opts.auth is not None:
+                await self._authenticate(client, host, port)
         except HopError:
             client.close()
             raise
@@ -97,6 +109,28 @@ class SmtpClient:
             client.close()
             raise HopError(f"{host}:{port}: {type(e).__name__}: {e}") from None
         return client
+
+    async def _authenticate(self, client: aiosmtplib.SMTP, host: str, port: int) -> None:
+        assert self.options.auth is not None
+        encrypted = client.get_transport_info("sslcontext") is not None
+        if not encrypted and not _is_loopback(host):
+            # A password never crosses the network in clear text.
+            raise HopError(f"{host}:{port}: not sending credentials without TLS (the server offered no "
+                           "STARTTLS, or tls = \"off\")")
+        if not client.supports_extension("auth"):
+            raise HopError(f"{host}:{port} does not offer AUTH, but --client-auth is configured")
+        # One mechanism, the best offered: a wrong password is one failed attempt at the server,
+        # not one per mechanism (which trips lockouts).
+        offered = [m.lower() for m in client.server_auth_methods]
+        mechanism = next((m for m in ("plain", "login", "cram-md5") if m in offered), None)
+        if mechanism is None:
+            raise HopError(f"{host}:{port} offers no AUTH mechanism we support (PLAIN, LOGIN, CRAM-MD5): "
+                           f"{' '.join(offered) or 'none'}")
+        method = getattr(client, f"auth_{mechanism.replace('-', '')}")
+        try:
+            await method(*self.options.auth, timeout=self.options.response_timeout)
+        except aiosmtplib.SMTPAuthenticationError as e:
+            raise HopError(f"{host}:{port}: authentication failed: {e.code} {_reply_text(e.message)}") from None
 
     async def _checkout(self, dest: Destination) -> aiosmtplib.SMTP:
         now = time.monotonic()

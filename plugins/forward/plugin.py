@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from mailrelay_sdk import DeliveryResult, Message, Recipient, Route, hookimpl
 
+from mailrelay.secrets import client_account
+
 from .client import ClientOptions, SmtpClient
 from .limits import Limits
 from .mx import MxError, resolve_mail_hosts
@@ -35,6 +37,7 @@ class ForwardSettings:
     connections_per_destination: int = 4
     recipients: Literal["some", "all"] = "some"  # --forward-to-some / --forward-to-all
     pipelining: bool = True             # --client-smtp-config [-]pipelining
+    client_auth: str = ""               # --client-auth FILE: E-MailRelay secrets file, first "client" line
 
 
 class ForwardPlugin:
@@ -62,7 +65,7 @@ class ForwardPlugin:
             helo=relay.domain, connection_timeout=s.connection_timeout, response_timeout=s.response_timeout,
             client_interface=s.client_interface, tls=s.tls, tls_verify=s.tls_verify,
             connections_per_destination=s.connections_per_destination, all_or_nothing=s.recipients == "all",
-            pipelining=s.pipelining))
+            pipelining=s.pipelining, auth=client_account(s.client_auth) if s.client_auth else None))
 
     @hookimpl
     async def relay_shutdown(self) -> None:

@@ -1,0 +1,76 @@
+"""E-MailRelay's secrets file: the accounts for ``--client-auth`` (and, later, ``--server-auth``).
+
+Each non-comment line has four fields: ``client|server TYPE NAME SECRET``. TYPE ``plain``
+takes NAME and SECRET in RFC 3461 xtext (``my+20secret``), ``plain:b`` in base64, ``md5`` a
+hashed secret usable for CRAM-MD5 only; ``server none ADDRESS KEYWORD`` marks trusted client
+addresses. Errors name the file and line.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .config.loader import ConfigError
+from .spool.envelope import xtext_decode
+
+
+@dataclass(frozen=True)
+class Secret:
+    side: Literal["client", "server"]
+    kind: str           # "plain", "md5" or "none"
+    name: str           # the account name (decoded), or an address range for "none"
+    secret: str         # the password (decoded), an md5 hash, or a keyword for "none"
+    line: int
+
+
+def read_secrets(path: str | Path) -> list[Secret]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read secrets file: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: secrets file is not UTF-8 text") from None
+    secrets = []
+    for lineno, raw in enumerate(text.split("\n"), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split()
+        if len(fields) < 4:
+            raise ConfigError(f"{path}:{lineno}: expected 'client|server TYPE NAME SECRET'")
+        side, kind, name, secret = fields[0].lower(), fields[1].lower(), fields[2], fields[3]
+        if side not in ("client", "server"):
+            raise ConfigError(f"{path}:{lineno}: the first field must be 'client' or 'server', not {fields[0]!r}")
+        if kind in ("plain", "login"):
+            name, secret = xtext_decode(name), xtext_decode(secret)
+            kind = "plain"
+        elif kind == "plain:b":
+            try:
+                name = base64.b64decode(name, validate=True).decode("utf-8")
+                secret = base64.b64decode(secret, validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                raise ConfigError(f"{path}:{lineno}: plain:b fields must be base64 of UTF-8 text") from None
+            kind = "plain"
+        elif kind == "md5" or (kind == "none" and side == "server"):
+            name = xtext_decode(name) if kind == "md5" else name
+        else:
+            raise ConfigError(f"{path}:{lineno}: unknown secret type {fields[1]!r} (plain, plain:b, md5"
+                              f"{', none' if side == 'server' else ''})")
+        secrets.append(Secret(side, kind, name, secret, lineno))  # type: ignore[arg-type]
+    return secrets
+
+
+def client_account(path: str | Path) -> tuple[str, str]:
+    """The (name, password) of the first ``client plain`` line, for AUTH PLAIN/LOGIN/CRAM-MD5."""
+    for secret in read_secrets(path):
+        if secret.side == "client":
+            if secret.kind != "plain":
+                raise ConfigError(f"{path}:{secret.line}: the client account needs a plain secret "
+                                  "(a hashed md5 secret cannot answer PLAIN or LOGIN)")
+            return secret.name, secret.secret
+    raise ConfigError(f"{path}: no 'client' line (e.g. 'client plain alice my+20secret')")

@@ -1,0 +1,91 @@
+"""Forwarding to a smarthost that wants STARTTLS and AUTH, with an E-MailRelay secrets file."""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+
+import pytest
+import trustme
+
+from conftest import free_port
+from mailrelay.config.loader import ConfigError
+from mailrelay.secrets import client_account, read_secrets
+from sinks import Sink
+from test_forward import MSG, wait_until
+
+
+@pytest.fixture(scope="module")
+def server_tls():
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1", common_name="localhost")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+    return context
+
+
+@pytest.fixture
+def smarthost(server_tls):
+    sinks = []
+
+    def start(account=("alice", "s3cret pw")):
+        sink = Sink(free_port(), tls_context=server_tls, account=account).start()
+        sinks.append(sink)
+        return sink
+
+    yield start
+    for sink in sinks:
+        sink.stop()
+
+
+def test_secrets_file_formats(tmp_path):
+    secrets = tmp_path / "secrets"
+    secrets.write_text("# accounts\nclient plain alice my+20secret\n"
+                       "server plain:b Ym9i c2VjcmV0\nserver none 192.168.0.0/24 localnet\n")
+    parsed = read_secrets(secrets)
+    assert [(s.side, s.kind, s.name, s.secret) for s in parsed] == [
+        ("client", "plain", "alice", "my secret"), ("server", "plain", "bob", "secret"),
+        ("server", "none", "192.168.0.0/24", "localnet")]
+    assert client_account(secrets) == ("alice", "my secret")
+    secrets.write_text("client bogus alice x\n")
+    with pytest.raises(ConfigError, match=r"secrets:1: unknown secret type"):
+        read_secrets(secrets)
+
+
+def test_forwarding_with_starttls_and_auth(inprocess_relay, smarthost, tmp_path):
+    target = smarthost()
+    secrets = tmp_path / "secrets"
+    secrets.write_text("client plain alice s3cret+20pw\n")
+    relay = inprocess_relay(enable=["forward"], config={
+        "forward": {"to": f"127.0.0.1:{target.port}", "client_auth": str(secrets), "tls": "required"}})
+    with smtplib.SMTP("127.0.0.1", relay.port) as client:
+        client.sendmail("a@example.test", ["x@far.test"], MSG)
+    [got] = target.wait_for(1)
+    assert got.recipients == ["x@far.test"] and target.logins == ["alice"]
+
+
+def test_wrong_password_defers_and_says_why(inprocess_relay, smarthost, tmp_path):
+    target = smarthost()
+    secrets = tmp_path / "secrets"
+    secrets.write_text("client plain alice wrong\n")
+    relay = inprocess_relay(enable=["forward"], config={
+        "forward": {"to": f"127.0.0.1:{target.port}", "client_auth": str(secrets)}, "queue": {"retry": ["1h"]}})
+    with smtplib.SMTP("127.0.0.1", relay.port) as client:
+        client.sendmail("a@example.test", ["x@far.test"], MSG)
+    retry = wait_until(lambda: list(relay.spool.directory.glob("*.retry")), what="a deferral")
+    assert "authentication failed: 535" in retry[0].read_text()
+    assert target.received == []
+
+
+def test_tls_required_refuses_a_hop_without_starttls(inprocess_relay, tmp_path):
+    plain = Sink(free_port()).start()
+    try:
+        relay = inprocess_relay(enable=["forward"], config={
+            "forward": {"to": f"127.0.0.1:{plain.port}", "tls": "required"}, "queue": {"retry": ["1h"]}})
+        with smtplib.SMTP("127.0.0.1", relay.port) as client:
+            client.sendmail("a@example.test", ["x@far.test"], MSG)
+        retry = wait_until(lambda: list(relay.spool.directory.glob("*.retry")), what="a deferral")
+        assert "does not offer STARTTLS and TLS is required" in retry[0].read_text()
+        assert plain.received == []
+    finally:
+        plain.stop()
