@@ -136,6 +136,10 @@ def check_config_command(ctx: click.Context, file: str | None) -> None:
                f"SMTP port {settings.smtp.port})")
 
 
+from .queue import queue_group  # noqa: E402  (it uses load and CONFIG_OPTION from above)
+cli.add_command(queue_group)
+
+
 # ---------------------------------------------------------------- E-MailRelay options file
 def expand_options_file(argv: list[str]) -> list[str]:
     """Replace a trailing E-MailRelay options file argument with the options it holds.

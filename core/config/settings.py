@@ -88,6 +88,8 @@ class QueueSettings:
     on_disconnect: bool = False   # --forward-on-disconnect: scan when an SMTP client disconnects
     after_receive: bool = True    # forward each message as soon as it is committed
     as_client: bool = False       # --as-client: forward everything once, then exit (1 if anything failed)
+    rescan: float = 60.0          # safety net: rescan this often for messages others put in the spool
+                                  # (relay queue retry, emailrelay-submit, a second process); 0 = never
     concurrency: int = 20         # messages forwarded at once
     retry: list[str] = field(default_factory=lambda: list(DEFAULT_SCHEDULE))
     max_age: str = "5d"           # then a deferred message bounces
@@ -136,7 +138,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "smtp.max_recipients": (1, 100000), "smtp.max_hops": (1, 1000), "smtp.shutdown_grace": (0, 3600),
     "server.workers": (1, 256), "client.prompt_timeout": (0, 3600), "dns.timeout": (0.1, 300),
     "dns.attempts": (1, 10), "plugins.hook_timeout": (0.1, 3600), "log.verbose": (0, 5),
-    "queue.concurrency": (1, 10000), "queue.poll": (-1, 86400 * 7),
+    "queue.concurrency": (1, 10000), "queue.poll": (-1, 86400 * 7), "queue.rescan": (0, 86400 * 7),
 }
 
 

@@ -97,6 +97,8 @@ class QueueRunner:
         # Scan when woken (new mail, a disconnect, the poll interval) or when the earliest
         # deferred message is due; between scans, deferrals only move the alarm.
         poll = self.settings.poll if self.settings.poll > 0 else None
+        if self.settings.rescan > 0:
+            poll = min(poll, self.settings.rescan) if poll else self.settings.rescan
         while not self._stopping:
             self._event.clear()
             if self._rescan:
