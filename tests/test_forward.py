@@ -254,3 +254,22 @@ def test_delivery_to_postfix_smtp_sink(inprocess_relay):
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(dump, ignore_errors=True)
+
+
+def test_deferral_events_carry_next_attempt_and_error_and_a_delay_warning_goes_out(inprocess_relay, sink):
+    target = sink(Behaviour(refuse={"later": "451 4.2.1 mailbox busy"}))
+    events = Events()
+    relay = inprocess_relay(enable=["forward"], plugins={"events": events},
+                            config=forwarding(target.port, retry=["1s"], delay_warning="1s"))
+    with smtplib.SMTP("127.0.0.1", relay.port) as client:
+        client.sendmail("a@example.test", ["later@far.test"], MSG)
+    deferred = wait_until(lambda: [e for e in events.seen if e.name == "message.deferred"], what="a deferral")
+    assert deferred[0].data["recipient"] == "later@far.test"
+    assert "451 4.2.1 mailbox busy" in deferred[0].data["error"]
+    assert deferred[0].data["next_attempt"] > deferred[0].time
+    # after the delay_warning age, the sender hears once that delivery is still being tried
+    [warning] = target.wait_for(1, timeout=20)
+    assert warning.sender == "" and warning.recipients == ["a@example.test"]
+    assert warning.message["Subject"].startswith("Delayed Mail") and "Action: delayed" in warning.content.decode()
+    time.sleep(2.5)  # more retries fail, but there is only one warning
+    assert len(target.received) == 1
