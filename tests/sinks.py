@@ -35,6 +35,7 @@ class Behaviour:
     stall_in_data: float = 0.0                            # seconds to wait before answering DATA
     smtputf8: bool = True
     pipelining: bool = False                              # advertise PIPELINING (aiosmtpd reads commands in order anyway)
+    eightbitmime: bool = True                             # False: a 7-bit-only server (no 8BITMIME in EHLO)
 
 
 class SinkHandler:
@@ -96,6 +97,8 @@ class Sink:
                     self.logins.append(auth_data.login.decode())
                 return AuthResult(success=ok, handled=False)  # handled=False: aiosmtpd sends the 535
             kwargs.update(authenticator=authenticator, auth_required=True, auth_require_tls=True)
+        if not self.behaviour.eightbitmime:
+            kwargs["decode_data"] = True  # aiosmtpd then leaves 8BITMIME out of its EHLO reply
         self.controller = _Controller(self.handler, hostname="127.0.0.1", port=port,
                                       enable_SMTPUTF8=self.behaviour.smtputf8, ready_timeout=10, **kwargs)
 

@@ -273,3 +273,43 @@ def test_deferral_events_carry_next_attempt_and_error_and_a_delay_warning_goes_o
     assert warning.message["Subject"].startswith("Delayed Mail") and "Action: delayed" in warning.content.decode()
     time.sleep(2.5)  # more retries fail, but there is only one warning
     assert len(target.received) == 1
+
+
+def test_forward_to_all_fails_the_whole_message_when_one_recipient_is_refused(inprocess_relay, sink):
+    target = sink(Behaviour(refuse={"nobody": "550 5.1.1 no such user"}))
+    relay = inprocess_relay(enable=["forward"], config={**forwarding(target.port),
+                                                       "forward": {"to": f"127.0.0.1:{target.port}", "recipients": "all"}})
+    with smtplib.SMTP("127.0.0.1", relay.port) as client:
+        client.sendmail("a@example.test", ["ok@far.test", "nobody@far.test"], MSG)
+    [bounce] = target.wait_for(1)  # only the report: ok@ got nothing either
+    assert bounce.sender == "" and "ok@far.test" in bounce.content.decode()
+    [bad] = wait_until(lambda: relay.spool.ids("bad") or None, what="a .bad envelope")
+    assert len(relay.spool.read_envelope(bad, "bad").recipients) == 2
+
+
+def test_8bit_message_is_refused_by_a_hop_without_8bitmime(inprocess_relay, sink):
+    target = sink(Behaviour(eightbitmime=False))
+    relay = inprocess_relay(enable=["forward"], config=forwarding(target.port))
+    with smtplib.SMTP("127.0.0.1", relay.port) as client:
+        client.sendmail("a@example.test", ["x@far.test"], "Subject: café\r\n\r\ncafé\r\n".encode(),
+                        mail_options=["BODY=8BITMIME"])
+    [bad] = wait_until(lambda: [i for i in relay.spool.ids("bad")
+                                if relay.spool.read_envelope(i, "bad").sender] or None, what="a .bad envelope")
+    assert "8BITMIME" in relay.spool.read_envelope(bad, "bad").reason
+    assert all(r.sender == "" for r in target.received)  # only the (7-bit) report went out
+
+
+def test_limits_cap_deliveries_in_flight_per_domain(inprocess_relay, sink):
+    behaviour = Behaviour(stall_in_data=0.3)
+    target = sink(behaviour)
+    before = target.handler.connections  # aiosmtpd's Controller probes the port once at start
+    relay = inprocess_relay(enable=["forward"], config={
+        **forwarding(target.port), "limits": {"far.test": {"connections": 1}}})
+    with smtplib.SMTP("127.0.0.1", relay.port) as client:
+        for n in range(4):
+            client.sendmail("a@example.test", [f"r{n}@far.test"], MSG)
+    started = time.monotonic()
+    target.wait_for(4, timeout=20)
+    # one at a time: four stalls of 0.3 s one after another, on a single connection
+    assert time.monotonic() - started >= 0.8
+    assert target.handler.connections - before == 1
