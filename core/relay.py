@@ -114,8 +114,9 @@ class Relay:
                  self.spool.directory, ",".join(self.plugins.order) or "-", self.spool.sync_method)
 
     def message_committed(self, message_id: str) -> None:
-        """A message was acknowledged: forward it now if so configured."""
-        if self.queue is not None and (self.settings.queue.after_receive or self.settings.queue.poll == 0):
+        """A message is safely in the spool: forward it soon if so configured."""
+        if self.queue is not None and not self.settings.queue.immediate and (
+                self.settings.queue.after_receive or self.settings.queue.poll == 0):
             self.queue.wake()
 
     def _client_disconnected(self, submitted: int) -> None:

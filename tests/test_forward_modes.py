@@ -152,3 +152,21 @@ def test_crash_mid_delivery_loses_nothing(tmp_path, sink, relay_process):
     [got] = target.wait_for(1)
     assert got.recipients == ["x@far.test"]
     wait_until(lambda: not list(spool_dir.iterdir()), what="an empty spool")
+
+
+def test_immediate_gives_the_client_the_next_hops_answer(inprocess_relay, sink):
+    target = sink(Behaviour(refuse={"nobody": "550 5.1.1 no such user", "later": "451 4.2.1 busy"}))
+    relay = inprocess_relay(enable=["forward"], config={
+        "forward": {"to": f"127.0.0.1:{target.port}"}, "queue": {"immediate": True}})
+    with smtplib.SMTP("127.0.0.1", relay.port) as client:
+        client.sendmail("a@example.test", ["x@far.test"], MSG)
+        assert len(target.received) == 1  # delivered before the 250 came back
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            client.sendmail("a@example.test", ["nobody@far.test"], MSG)
+        assert refused.value.smtp_code == 550 and b"no such user" in refused.value.smtp_error
+        with pytest.raises(smtplib.SMTPDataError) as deferred:
+            client.sendmail("a@example.test", ["later@far.test"], MSG)
+        assert deferred.value.smtp_code == 451
+    # the client owns the retry of what was refused: nothing stays queued, no bounce was sent
+    assert list(relay.spool.directory.iterdir()) == []
+    assert len(target.received) == 1

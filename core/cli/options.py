@@ -161,6 +161,8 @@ OPTIONS: list[Option] = [
     Option("forward-to", "o", "value", _forward_to, "forward to this SMTP server (host:port), or \"mx\"",
            "HOST:PORT", plugin="forward"),
     Option("forward", "f", "flag", _set("queue", "at_start"), "forward the spool at start-up"),
+    Option("immediate", "m", "flag", _set("queue", "immediate"),
+           "forward each message before acknowledging it (the client gets the next hop's answer)"),
     Option("forward-on-disconnect", "1", "flag", _set("queue", "on_disconnect"),
            "forward when an SMTP client that sent mail disconnects"),
     Option("poll", "O", "value", _set("queue", "poll"),

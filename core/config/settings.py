@@ -88,6 +88,7 @@ class QueueSettings:
     on_disconnect: bool = False   # --forward-on-disconnect: scan when an SMTP client disconnects
     after_receive: bool = True    # forward each message as soon as it is committed
     as_client: bool = False       # --as-client: forward everything once, then exit (1 if anything failed)
+    immediate: bool = False       # --immediate: forward while the client waits for its 250
     rescan: float = 60.0          # safety net: rescan this often for messages others put in the spool
                                   # (relay queue retry, emailrelay-submit, a second process); 0 = never
     concurrency: int = 20         # messages forwarded at once

@@ -38,6 +38,7 @@ class Outcome:
     error: str = ""
     unreadable: bool = False
     expired: bool = False
+    reply: str = ""  # for --immediate: the next hop's reply when nothing was delivered
 
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
@@ -53,9 +54,17 @@ def _status_of(result: DeliveryResult) -> str:
 
 async def settle(runner: QueueRunner, claimed: Claim, message: Message, state: DeliveryState, *,
                  delivered: list[DeliveryResult], deferred: list[DeliveryResult],
-                 failed: list[DeliveryResult], now: float) -> Outcome:
+                 failed: list[DeliveryResult], now: float, immediate: bool = False) -> Outcome:
     message_id = message.id
     envelope = message.envelope
+    if immediate and not delivered and (deferred or failed):
+        # --immediate and nothing got through: the client is still waiting and gets the next
+        # hop's reply, so it owns the retry; keeping the message too would deliver it twice.
+        first = (failed or deferred)[0]
+        runner._remove(message_id, state)
+        claimed.finish()
+        return Outcome(message_id, deferred=[r.recipient.address for r in deferred],
+                       failed=[r.recipient.address for r in failed], reply=f"{first.code} {first.text}")
     outcome = Outcome(message_id, delivered=[r.recipient.address for r in delivered],
                       deferred=[r.recipient.address for r in deferred])
     for result in delivered:

@@ -60,6 +60,7 @@ class QueueRunner:
         self._earliest: float | None = None
         self._inflight: dict[str, asyncio.Task[Outcome]] = {}
         self._slots = asyncio.Semaphore(self.settings.concurrency)
+        self._inflight_immediate: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -171,7 +172,19 @@ class QueueRunner:
                     summary.failed += 1
 
     # ---------------------------------------------------------------- one message
-    async def _forward(self, claimed: Claim, state: DeliveryState) -> Outcome:
+    async def forward_now(self, message_id: str) -> Outcome | None:
+        """``--immediate``: forward a just-committed message while its client waits; ``None`` if
+        another worker has it already."""
+        claimed = claim(self.spool.directory, message_id)
+        if claimed is None:
+            return None
+        self._inflight_immediate.add(message_id)
+        try:
+            return await self._forward(claimed, DeliveryState(received=time.time()), immediate=True)
+        finally:
+            self._inflight_immediate.discard(message_id)
+
+    async def _forward(self, claimed: Claim, state: DeliveryState, immediate: bool = False) -> Outcome:
         message_id = claimed.message_id
         try:
             envelope = Envelope.from_bytes(claimed.busy_path.read_bytes(), source=str(claimed.busy_path))
@@ -185,7 +198,8 @@ class QueueRunner:
         now = time.time()
         if not pending:
             log.info("id=%s has no remote recipients left; nothing to forward", message_id)
-            return await settle(self, claimed, message, state, delivered=[], deferred=[], failed=[], now=now)
+            return await settle(self, claimed, message, state, delivered=[], deferred=[], failed=[], now=now,
+                                immediate=immediate)
 
         verdict = await self.hooks.filter_chain(message, "client")
         if verdict.action is FilterAction.ABANDON:
@@ -197,13 +211,13 @@ class QueueRunner:
             code = verdict.code or (451 if verdict.action is FilterAction.FAIL else 550)
             result = [DeliveryResult(r, "temp" if code < 500 else "perm", code,
                                      verdict.text or "rejected by client filter") for r in pending]
-            return await self._record(claimed, message, state, result, "client filter", now)
+            return await self._record(claimed, message, state, result, "client filter", now, immediate)
 
         results: list[DeliveryResult] = []
         for route, recipients in await self._routes(message, pending):
             batch = replace(message, envelope=replace(envelope, recipients=tuple(recipients)))
             results += await self._deliver(route, batch, recipients)
-        return await self._record(claimed, message, state, results, "", now)
+        return await self._record(claimed, message, state, results, "", now, immediate)
 
     async def _routes(self, message: Message,
                       recipients: list[Recipient]) -> list[tuple[Route | None, list[Recipient]]]:
@@ -244,7 +258,8 @@ class QueueRunner:
                 for r in recipients]
 
     async def _record(self, claimed: Claim, message: Message, state: DeliveryState,
-                      results: list[DeliveryResult], destination: str, now: float) -> Outcome:
+                      results: list[DeliveryResult], destination: str, now: float,
+                      immediate: bool = False) -> Outcome:
         by_status: dict[str, list[DeliveryResult]] = {"ok": [], "temp": [], "perm": []}
         for result in results:
             by_status[result.status].append(result)
@@ -254,7 +269,7 @@ class QueueRunner:
                                               "; ".join(sorted({f"{r.code} {r.text}".strip() for r in group})),
                                               destination))
         return await settle(self, claimed, message, state, delivered=by_status["ok"],
-                            deferred=by_status["temp"], failed=by_status["perm"], now=now)
+                            deferred=by_status["temp"], failed=by_status["perm"], now=now, immediate=immediate)
 
     def _remove(self, message_id: str, state: DeliveryState | None = None) -> None:
         for path in (self.spool.envelope_path(message_id, "busy"), self.spool.content_path(message_id)):

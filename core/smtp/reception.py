@@ -134,6 +134,8 @@ class Reception:
 
         if not quarantine:
             self.relay.message_committed(message_id)
+            if self.relay.queue is not None and self.relay.settings.queue.immediate:
+                return await self._forward_before_acknowledging(session, message_id)
         self._event("quarantined" if quarantine else "received", session, message_id,
                     sender=transaction.sender, recipients=[r.address for r in transaction.recipients],
                     size=len(message.content), reason=quarantine)
@@ -141,6 +143,17 @@ class Reception:
                  transaction.sender, len(transaction.recipients), len(message.content),
                  f" quarantined={quarantine!r}" if quarantine else "")
         return f"250 2.0.0 OK queued as {message_id}"
+
+    async def _forward_before_acknowledging(self, session: Session, message_id: str) -> str:
+        assert self.relay.queue is not None
+        outcome = await self.relay.queue.forward_now(message_id)
+        if outcome is None or not outcome.reply:
+            return f"250 2.0.0 OK forwarded as {message_id}"
+        code, _, text = outcome.reply.partition(" ")
+        if not (code.isdigit() and code[0] in "45"):
+            code, text = "451", outcome.reply
+        log.info("session=%s id=%s not forwarded (--immediate): %s", session.id, message_id, outcome.reply)
+        return f"{code} {text}"
 
     def _event(self, name: str, session: Session, message_id: str, **data: object) -> None:
         self.hooks.emit(Event(name, message_id=message_id, session_id=session.id,
