@@ -170,3 +170,26 @@ def test_immediate_gives_the_client_the_next_hops_answer(inprocess_relay, sink):
     # the client owns the retry of what was refused: nothing stays queued, no bounce was sent
     assert list(relay.spool.directory.iterdir()) == []
     assert len(target.received) == 1
+
+
+def test_as_proxy_and_client_interface_from_the_command_line(relay_process, sink):
+    """`relay --as-proxy HOST:PORT` forwards when the client disconnects; --client-interface picks
+    the address the relay connects from (the sink sees it as the peer)."""
+    target = sink()
+    seen: list[str] = []
+    original = target.handler.handle_DATA
+
+    async def record_peer(server, session, envelope):
+        seen.append(session.peer[0])
+        return await original(server, session, envelope)
+
+    target.handler.handle_DATA = record_peer
+    relay = relay_process("--as-proxy", f"127.0.0.1:{target.port}", "--client-interface", "127.0.0.2",
+                          "--no-daemon")
+    client = smtplib.SMTP("127.0.0.1", relay.port)
+    client.sendmail("a@example.test", ["x@far.test"], MSG)
+    time.sleep(0.5)
+    assert target.received == []  # still connected
+    client.quit()
+    target.wait_for(1)
+    assert seen == ["127.0.0.2"]

@@ -82,10 +82,18 @@ def _as_client(raw: dict[str, Any], value: Any) -> None:
     _forward_to(raw, value)
 
 
+def _trigger(key: str, transform: Callable[[Any], Any] = lambda v: v) -> Apply:
+    """An E-MailRelay forwarding trigger: giving one means forwarding happens on the triggers
+    given, not also on every received message (our default when only --forward-to is given)."""
+    def apply(raw: dict[str, Any], value: Any) -> None:
+        raw.setdefault("queue", {}).update({key: transform(value), "after_receive": False})
+    return apply
+
+
 def _as_proxy(raw: dict[str, Any], value: Any) -> None:
     # E-MailRelay 2.6: --log --close-stderr --forward-on-disconnect --forward-to
     raw.setdefault("log", {}).update(enabled=True, close_stderr=True)
-    raw.setdefault("queue", {})["on_disconnect"] = True
+    _trigger("on_disconnect")(raw, True)
     _forward_to(raw, value)
 
 
@@ -160,12 +168,12 @@ OPTIONS: list[Option] = [
            "do not run the SMTP server"),
     Option("forward-to", "o", "value", _forward_to, "forward to this SMTP server (host:port), or \"mx\"",
            "HOST:PORT", plugin="forward"),
-    Option("forward", "f", "flag", _set("queue", "at_start"), "forward the spool at start-up"),
-    Option("immediate", "m", "flag", _set("queue", "immediate"),
+    Option("forward", "f", "flag", _trigger("at_start"), "forward the spool at start-up"),
+    Option("immediate", "m", "flag", _trigger("immediate"),
            "forward each message before acknowledging it (the client gets the next hop's answer)"),
-    Option("forward-on-disconnect", "1", "flag", _set("queue", "on_disconnect"),
+    Option("forward-on-disconnect", "1", "flag", _trigger("on_disconnect"),
            "forward when an SMTP client that sent mail disconnects"),
-    Option("poll", "O", "value", _set("queue", "poll"),
+    Option("poll", "O", "value", _trigger("poll"),
            "scan the spool every SECONDS (0: forward each message as it arrives)", "SECONDS"),
     Option("as-client", "q", "value", _as_client,
            "forward the spool once and exit (--log --no-syslog --no-daemon --dont-serve --forward "
