@@ -40,6 +40,17 @@ def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: floa
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
+def wait_until(check, timeout=15.0, what="condition"):
+    """Poll ``check`` until it returns something true (and return that), or fail after ``timeout``."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def require(program: str) -> str:
     """Path of a real component; a missing one fails loudly (CI installs them all)."""
     path = shutil.which(program)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, require
+from conftest import free_port, require, wait_until
 from mailrelay.spool import Spool
 from mailrelay_sdk import hookimpl
 from sinks import Behaviour, Sink
@@ -40,16 +40,6 @@ def sink():
 
 def forwarding(sink_port: int, **queue) -> dict:
     return {"forward": {"to": f"127.0.0.1:{sink_port}"}, "queue": {"retry": ["1s"], **queue}}
-
-
-def wait_until(check, timeout=15.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def message_ids(relay) -> list[str]:

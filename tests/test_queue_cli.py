@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, wait_until
 from mailrelay.queue.claim import claim
 from mailrelay.spool import Envelope
 from mailrelay_sdk.testing import RunningRelay
@@ -56,16 +56,6 @@ def ok(spool: Path, *args: str) -> str:
 
 def listed(spool: Path, *args: str) -> list[dict]:
     return json.loads(ok(spool, "list", "--json", *args))
-
-
-def wait_until(check, timeout=15.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def send(relay, sender: str, *recipients: str, content: bytes = MSG) -> str:
