@@ -303,3 +303,20 @@ def test_limits_cap_deliveries_in_flight_per_domain(inprocess_relay, sink):
     # one at a time: four stalls of 0.3 s one after another, on a single connection
     assert time.monotonic() - started >= 0.8
     assert target.handler.connections - before == 1
+
+
+def test_an_unexpected_error_puts_the_message_back_not_stuck_busy(inprocess_relay, sink, monkeypatch):
+    target = sink()
+    relay = inprocess_relay(enable=["forward"], config=forwarding(target.port))
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug in outcome handling")
+
+    monkeypatch.setattr(relay.relay.queue, "_record", broken)
+    with smtplib.SMTP("127.0.0.1", relay.port) as client:
+        client.sendmail("a@example.test", ["x@far.test"], MSG)
+    [message_id] = wait_until(lambda: relay.spool.ids() and (relay.spool.directory / f"{relay.spool.ids()[0]}.retry").exists()
+                              and relay.spool.ids(), what="the message back in the queue")
+    assert not list(relay.spool.directory.glob("*.busy"))
+    state = json.loads((relay.spool.directory / f"{message_id}.retry").read_text())
+    assert state["next_attempt"] > time.time() + 30

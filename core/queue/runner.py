@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ..message import Message
 from ..plugin_host import PluginFailure
@@ -104,7 +104,10 @@ class QueueRunner:
             self._event.clear()
             if self._rescan:
                 self._rescan = False
-                self._earliest = await self.scan()
+                self._earliest = None  # deferrals noted while the scan runs land here too
+                due = await self.scan()
+                if due is not None:
+                    self._earliest = due if self._earliest is None else min(due, self._earliest)
             waits = [poll] if poll else []
             if self._earliest is not None:
                 waits.append(self._earliest - time.time())
@@ -136,7 +139,7 @@ class QueueRunner:
             if claimed is None:
                 self._slots.release()
                 continue
-            task = asyncio.get_running_loop().create_task(self._forward(claimed, state))
+            task = asyncio.get_running_loop().create_task(self._forward_guarded(claimed, state))
             self._inflight[message_id] = task
             task.add_done_callback(lambda _t, m=message_id: self._done(m))
         return next_due
@@ -183,6 +186,21 @@ class QueueRunner:
             return await self._forward(claimed, DeliveryState(received=time.time()), immediate=True)
         finally:
             self._inflight_immediate.discard(message_id)
+
+    async def _forward_guarded(self, claimed: Claim, state: DeliveryState) -> Outcome:
+        """:meth:`_forward`, but a bug or an I/O error puts the message back, not stuck in ``.busy``."""
+        try:
+            return await self._forward(claimed, state)
+        except asyncio.CancelledError:  # shutdown: the message goes back untouched
+            _quietly(claimed.release)
+            raise
+        except Exception as e:
+            log.exception("id=%s forwarding failed unexpectedly; retrying in a minute", claimed.message_id)
+            state.next_attempt = time.time() + 60
+            _quietly(lambda: self.save(claimed.message_id, state))
+            _quietly(claimed.release)
+            self.note_deferred(state.next_attempt)
+            return Outcome(claimed.message_id, error=str(e), deferred=["?"])
 
     async def _forward(self, claimed: Claim, state: DeliveryState, immediate: bool = False) -> Outcome:
         message_id = claimed.message_id
@@ -282,3 +300,10 @@ class QueueRunner:
 
     def save(self, message_id: str, state: DeliveryState) -> None:
         save_state(self.spool.directory, message_id, state)
+
+
+def _quietly(action: Callable[[], object]) -> None:
+    try:
+        action()
+    except OSError as e:
+        log.warning("queue clean-up step failed: %s", e)
