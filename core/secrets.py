@@ -56,8 +56,9 @@ def read_secrets(path: str | Path) -> list[Secret]:
             except (binascii.Error, UnicodeDecodeError):
                 raise ConfigError(f"{path}:{lineno}: plain:b fields must be base64 of UTF-8 text") from None
             kind = "plain"
-        elif kind == "md5" or (kind == "none" and side == "server"):
-            name = xtext_decode(name) if kind == "md5" else name
+        elif kind in ("md5", "cram-md5", "apop") or (kind == "none" and side == "server"):
+            if kind != "none":  # E-MailRelay's aliases for a hashed (emailrelay-passwd) secret
+                name, kind = xtext_decode(name), "md5"
         else:
             raise ConfigError(f"{path}:{lineno}: unknown secret type {fields[1]!r} (plain, plain:b, md5"
                               f"{', none' if side == 'server' else ''})")
@@ -65,12 +66,16 @@ def read_secrets(path: str | Path) -> list[Secret]:
     return secrets
 
 
-def client_account(path: str | Path) -> tuple[str, str]:
-    """The (name, password) of the first ``client plain`` line, for AUTH PLAIN/LOGIN/CRAM-MD5."""
+def client_account(path: str | Path) -> Secret:
+    """The first ``client`` line: a plain secret (AUTH PLAIN, LOGIN or CRAM-MD5) or an md5 one
+    (CRAM-MD5 only, from the hashed form ``emailrelay-passwd`` prints)."""
     for secret in read_secrets(path):
         if secret.side == "client":
-            if secret.kind != "plain":
-                raise ConfigError(f"{path}:{secret.line}: the client account needs a plain secret "
-                                  "(a hashed md5 secret cannot answer PLAIN or LOGIN)")
-            return secret.name, secret.secret
+            if secret.kind == "md5":
+                from .cram_md5 import parse_hashed_secret
+                try:
+                    parse_hashed_secret(secret.secret)
+                except ValueError as e:
+                    raise ConfigError(f"{path}:{secret.line}: bad md5 secret: {e}") from None
+            return secret
     raise ConfigError(f"{path}: no 'client' line (e.g. 'client plain alice my+20secret')")

@@ -10,6 +10,7 @@ import trustme
 
 from conftest import free_port
 from mailrelay.config.loader import ConfigError
+from mailrelay.cram_md5 import hashed_secret
 from mailrelay.secrets import client_account, read_secrets
 from sinks import Sink
 from test_forward import MSG, wait_until
@@ -46,7 +47,8 @@ def test_secrets_file_formats(tmp_path):
     assert [(s.side, s.kind, s.name, s.secret) for s in parsed] == [
         ("client", "plain", "alice", "my secret"), ("server", "plain", "bob", "secret"),
         ("server", "none", "192.168.0.0/24", "localnet")]
-    assert client_account(secrets) == ("alice", "my secret")
+    account = client_account(secrets)
+    assert (account.name, account.secret, account.kind) == ("alice", "my secret", "plain")
     secrets.write_text("client bogus alice x\n")
     with pytest.raises(ConfigError, match=r"secrets:1: unknown secret type"):
         read_secrets(secrets)
@@ -89,3 +91,15 @@ def test_tls_required_refuses_a_hop_without_starttls(inprocess_relay, tmp_path):
         assert plain.received == []
     finally:
         plain.stop()
+
+
+def test_forwarding_with_an_emailrelay_md5_secret_uses_cram_md5(inprocess_relay, smarthost, tmp_path):
+    target = smarthost(account=("carol", "carols password"))
+    secrets = tmp_path / "secrets"
+    secrets.write_text(f"client md5 carol {hashed_secret('carols password')}\n")  # as emailrelay-passwd prints
+    relay = inprocess_relay(enable=["forward"], config={
+        "forward": {"to": f"127.0.0.1:{target.port}", "client_auth": str(secrets)}})
+    with smtplib.SMTP("127.0.0.1", relay.port) as client:
+        client.sendmail("a@example.test", ["x@far.test"], MSG)
+    target.wait_for(1)
+    assert target.logins == ["carol"]

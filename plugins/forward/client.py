@@ -9,6 +9,7 @@ connection or drops it is a temporary failure; with MX routing the next host is 
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import logging
 import ssl
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
+from mailrelay.cram_md5 import cram_md5_response
+from mailrelay.secrets import Secret
 from mailrelay_sdk import DeliveryResult, Message, Recipient
 
 from .pipelining import pipelined_transaction
@@ -37,7 +40,7 @@ class ClientOptions:
     connections_per_destination: int = 4
     all_or_nothing: bool = False    # --forward-to-all: one refused recipient fails the message
     pipelining: bool = True         # pipeline MAIL/RCPT/DATA when the server offers PIPELINING
-    auth: tuple[str, str] | None = None  # (name, password) from --client-auth
+    auth: Secret | None = None      # the "client" account from --client-auth
 
 
 class HopError(Exception):
@@ -120,17 +123,37 @@ class SmtpClient:
         if not client.supports_extension("auth"):
             raise HopError(f"{host}:{port} does not offer AUTH, but --client-auth is configured")
         # One mechanism, the best offered: a wrong password is one failed attempt at the server,
-        # not one per mechanism (which trips lockouts).
+        # not one per mechanism (which trips lockouts). A hashed secret can only do CRAM-MD5.
+        account = self.options.auth
         offered = [m.lower() for m in client.server_auth_methods]
-        mechanism = next((m for m in ("plain", "login", "cram-md5") if m in offered), None)
+        usable = ("cram-md5",) if account.kind == "md5" else ("plain", "login", "cram-md5")
+        mechanism = next((m for m in usable if m in offered), None)
         if mechanism is None:
-            raise HopError(f"{host}:{port} offers no AUTH mechanism we support (PLAIN, LOGIN, CRAM-MD5): "
-                           f"{' '.join(offered) or 'none'}")
-        method = getattr(client, f"auth_{mechanism.replace('-', '')}")
+            raise HopError(f"{host}:{port} offers no AUTH mechanism this account can use "
+                           f"({', '.join(m.upper() for m in usable)}): {' '.join(offered) or 'none'}")
         try:
-            await method(*self.options.auth, timeout=self.options.response_timeout)
+            if account.kind == "md5":
+                await self._cram_md5(client, account)
+            else:
+                method = getattr(client, f"auth_{mechanism.replace('-', '')}")
+                await method(account.name, account.secret, timeout=self.options.response_timeout)
         except aiosmtplib.SMTPAuthenticationError as e:
             raise HopError(f"{host}:{port}: authentication failed: {e.code} {_reply_text(e.message)}") from None
+
+    async def _cram_md5(self, client: aiosmtplib.SMTP, account: Secret) -> None:
+        """RFC 2195 with E-MailRelay's hashed secret (aiosmtplib's CRAM-MD5 needs the password)."""
+        timeout = self.options.response_timeout
+        reply = await client.execute_command(b"AUTH", b"CRAM-MD5", timeout=timeout)
+        if reply.code != 334:
+            raise aiosmtplib.SMTPAuthenticationError(reply.code, reply.message)
+        try:
+            challenge = base64.b64decode(reply.message.strip(), validate=True)
+        except ValueError:
+            raise aiosmtplib.SMTPAuthenticationError(reply.code, "malformed CRAM-MD5 challenge") from None
+        reply = await client.execute_command(cram_md5_response(account.name, account, challenge).encode("ascii"),
+                                             timeout=timeout)
+        if reply.code != 235:
+            raise aiosmtplib.SMTPAuthenticationError(reply.code, reply.message)
 
     async def _checkout(self, dest: Destination) -> aiosmtplib.SMTP:
         now = time.monotonic()
