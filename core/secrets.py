@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .config.loader import ConfigError
+from .config.loader import ConfigError, read_text_file
 from .spool.envelope import xtext_decode
 
 
@@ -29,12 +29,7 @@ class Secret:
 
 def read_secrets(path: str | Path) -> list[Secret]:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read secrets file: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: secrets file is not UTF-8 text") from None
+    text = read_text_file(path, "secrets file")
     secrets = []
     for lineno, raw in enumerate(text.split("\n"), 1):
         line = raw.strip()

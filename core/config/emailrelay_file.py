@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Container
 
-from .loader import ConfigError
+from .loader import ConfigError, read_text_file
 
 _YES = {"y", "yes", "t", "true", "1", "on"}
 _NO = {"n", "no", "f", "false", "0", "off"}
@@ -24,14 +24,7 @@ def read_options_file(path: str | Path, flags: Container[str], known: Container[
     ``flags`` names the options that take no value; ``known`` every option the relay has.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read options file: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: options file is not UTF-8 text") from None
-    if "\0" in text:
-        raise ConfigError(f"{path}: options file contains a NUL character")
+    text = read_text_file(path, "options file")
     args: list[str] = []
     # Lines end at LF (CR LF too): str.splitlines would also split inside a value at U+2028 etc.
     for lineno, line in enumerate(text.split("\n"), 1):

@@ -85,6 +85,20 @@ def find_line(path: Path, dotted: str) -> int:
     return 0
 
 
+def read_text_file(path: str | os.PathLike[str], what: str) -> str:
+    """A UTF-8 text file an operator wrote (``what``: "options file", "secrets file"), with
+    readable errors; NUL characters are refused."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read {what}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: {what} is not UTF-8 text") from None
+    if "\0" in text:
+        raise ConfigError(f"{path}: {what} contains a NUL character")
+    return text
+
+
 def load_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Sources]:
     """Load ``path`` with its includes (merged after it, in sorted glob order), then interpolate."""
     sources = Sources()
