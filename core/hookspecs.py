@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import click
     import flask
 
+    from .filtering import Filter, FilterSpec
     from .message import Message
     from .relay import Relay
     from .types import DeliveryResult, Event, FilterResult, Recipient, Route, Session, Stage, Transaction, Verdict
@@ -173,6 +174,12 @@ def relay_config_schema() -> dict[str, type] | None:
 
 
 @hookspec
-def relay_filter_factory(register: Callable[[str, Callable[[str], Any]], None]) -> None:
-    """Claim filter schemes: ``register("spam", make_spam_filter)``; the factory receives the
-    text after ``scheme:`` from a filter spec and returns a filter object."""
+def relay_filter_factory(register: Callable[[str, Callable[[FilterSpec], Filter]], None]) -> None:
+    """Claim filter schemes: call ``register("spam", make_spam_filter)`` once per scheme.
+
+    The factory receives the :class:`~mailrelay.filtering.FilterSpec` of each configured filter
+    with that scheme (``spam:127.0.0.1:783`` gives argument ``127.0.0.1:783``) at start-up, and
+    returns a :class:`~mailrelay.filtering.Filter`; raising ``FilterSpecError`` (or ``ValueError``)
+    with a readable message makes a bad spec a start-up error. A plain program path has the
+    scheme ``file``. Two plugins claiming one scheme is a start-up error.
+    """

@@ -23,6 +23,7 @@ class Message:
     content: bytes
     id: str = ""
     content_path: Path | None = None
+    envelope_path: Path | None = None   # .envelope.new (server stage) or .envelope.busy (client stage)
     session: Session | None = None
     transaction: Transaction | None = None
     notes: dict[str, Any] = field(default_factory=dict)

@@ -211,6 +211,8 @@ class FilterResult:
 
     ``content`` replaces the message content when not None (an edited message).
     ``rescan`` asks the queue runner to rescan the spool; ``stop_scanning`` to stop (client stage).
+    ``reason`` is a detail for the log only (E-MailRelay's second ``<<...>>`` line); ``text`` is
+    what the SMTP client or the bounce sees.
     """
 
     action: FilterAction = FilterAction.OK
@@ -220,22 +222,23 @@ class FilterResult:
     content: bytes | None = None
     rescan: bool = False
     stop_scanning: bool = False
+    reason: str = ""
 
     @classmethod
     def ok(cls, content: bytes | None = None) -> "FilterResult":
         return cls(FilterAction.OK, content=content)
 
     @classmethod
-    def reject(cls, text: str, code: int = 550, enhanced: str | None = None) -> "FilterResult":
-        return cls(FilterAction.REJECT, code, enhanced or f"{code // 100}.7.1", text)
+    def reject(cls, text: str, code: int = 550, enhanced: str | None = None, *, reason: str = "") -> "FilterResult":
+        return cls(FilterAction.REJECT, code, enhanced or f"{code // 100}.7.1", text, reason=reason)
 
     @classmethod
     def abandon(cls) -> "FilterResult":
         return cls(FilterAction.ABANDON)
 
     @classmethod
-    def fail(cls, text: str, code: int = 451, enhanced: str | None = None) -> "FilterResult":
-        return cls(FilterAction.FAIL, code, enhanced or f"{code // 100}.3.0", text)
+    def fail(cls, text: str, code: int = 451, enhanced: str | None = None, *, reason: str = "") -> "FilterResult":
+        return cls(FilterAction.FAIL, code, enhanced or f"{code // 100}.3.0", text, reason=reason)
 
 
 @dataclass(frozen=True)

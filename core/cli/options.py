@@ -30,6 +30,13 @@ def _split_list(values: Any) -> list[str]:
     return out
 
 
+def _list_of(section: str, key: str) -> Apply:
+    """A list option: each use adds to the list (``--filter a --filter b`` is ``a,b``)."""
+    def apply(raw: dict[str, Any], value: Any) -> None:
+        raw.setdefault(section, {})[key] = _split_list(value)
+    return apply
+
+
 def _as_server(raw: dict[str, Any], value: Any) -> None:
     raw.setdefault("log", {}).update(enabled=True, close_stderr=True)
 
@@ -200,6 +207,15 @@ OPTIONS: list[Option] = [
     Option("forward-to-some", None, "flag",
            lambda raw, v: raw.setdefault("forward", {}).update(recipients="some"),
            "deliver to the recipients the next hop accepts (the default)"),
+    Option("filter", "z", "multi", _list_of("filters", "server"),
+           "filters run before a message is acknowledged (comma-separated chain)", "SPEC", plugin="filters"),
+    Option("client-filter", "Y", "multi", _list_of("filters", "client"),
+           "filters run before a message is forwarded (comma-separated chain)", "SPEC", plugin="filters"),
+    Option("filter-timeout", "W", "value", _set("filters", "timeout"),
+           "seconds a filter may run before it is killed (default 60)", "SECONDS", plugin="filters"),
+    Option("delivery-dir", None, "value", _set("filters", "delivery_dir"),
+           "base directory of the mailboxes that deliver: and copy: fill (default: the spool)", "DIR",
+           plugin="filters"),
     Option("plugins", None, "multi", _set("plugins", "enable", _split_list),
            "enable plugins by name, in this order (comma-separated)", "NAMES"),
 ]

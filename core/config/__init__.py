@@ -15,6 +15,9 @@ from .settings import CORE_SECTIONS, Settings, build_settings
 
 SYSTEM_CONFIG = "/etc/mailrelay/relay.conf"
 
+# A configuration section that only one built-in plugin reads enables that plugin.
+SECTION_PLUGINS = {"filters": "filters"}
+
 __all__ = ["ConfigError", "Settings", "Sources", "find_config_file", "load_settings", "SYSTEM_CONFIG"]
 
 
@@ -51,6 +54,7 @@ def load_settings(config_file: str | None, overrides: dict[str, Any],
         raise ConfigError(f"{sources.describe('plugins.enable')}: expected a list of plugin names")
     names = [str(n) for n in plugin_names]
     names += [p for p in implied_plugins or [] if p not in names]
+    names += [p for section, p in SECTION_PLUGINS.items() if raw.get(section) and p not in names]
     schemas = enable_plugins(names)
     clash = set(schemas) & set(CORE_SECTIONS)
     if clash:

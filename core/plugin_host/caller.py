@@ -40,6 +40,7 @@ class HookCaller:
     def __init__(self, host: PluginHost, *, timeout: float = 30.0):
         self.host = host
         self.timeout = timeout
+        self._timeouts: dict[str, float] = {}
         self.trace = os.environ.get("MAILRELAY_TRACE_HOOKS", "") not in ("", "0")
         self._impls: dict[str, list[pluggy.HookImpl]] = {}
         self._observer_tasks: set[asyncio.Task[None]] = set()
@@ -59,16 +60,22 @@ class HookCaller:
     def has(self, hook: str) -> bool:
         return bool(self.impls(hook))
 
+    def allow_time(self, hook: str, seconds: float) -> None:
+        """Let ``hook`` run up to ``seconds`` (never less than the general limit): the filter chain
+        has its own per-filter timeouts, longer than the limit for ordinary hooks."""
+        self._timeouts[hook] = max(seconds, self._timeouts.get(hook, 0.0))
+
     async def _call_one(self, impl: pluggy.HookImpl, hook: str, kwargs: dict[str, Any]) -> Any:
         args = {name: kwargs[name] for name in impl.argnames if name in kwargs}
         started = time.perf_counter()
+        limit = max(self.timeout, self._timeouts.get(hook, 0.0))
         try:
             result = impl.function(**args)
             if inspect.isawaitable(result):
-                async with asyncio.timeout(self.timeout):  # unlike wait_for, no extra task per call
+                async with asyncio.timeout(limit):  # unlike wait_for, no extra task per call
                     result = await result
         except asyncio.TimeoutError:
-            raise PluginFailure(impl.plugin_name, hook, f"no answer within {self.timeout:g}s") from None
+            raise PluginFailure(impl.plugin_name, hook, f"no answer within {limit:g}s") from None
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -128,7 +135,7 @@ class HookCaller:
                     await apply_edit(result.content)
             if result.action is not FilterAction.OK:
                 return FilterResult(result.action, result.code, result.enhanced, result.text,
-                                    None, rescan, stop)
+                                    None, rescan, stop, result.reason)
         return FilterResult(FilterAction.OK, rescan=rescan, stop_scanning=stop)
 
     async def first(self, hook: str, **kwargs: Any) -> Any:

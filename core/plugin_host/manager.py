@@ -107,6 +107,11 @@ class PluginHost:
         except (ValueError, pluggy.PluginValidationError) as e:
             raise PluginError(f"plugin {name!r} is invalid: {e}") from e
         self.order.append(name)
+        # A plugin may name plugins it needs (``requires = ["filter-program", ...]``); they are
+        # enabled right after it, unless the operator enabled them already.
+        requires = getattr(obj, "requires", ())
+        if requires:
+            self.enable([r for r in requires if r not in self.order])
 
     def hooks_of(self, name: str) -> tuple[str, ...]:
         plugin = self.pm.get_plugin(name)

@@ -63,12 +63,17 @@ class QueueRunner:
         self._inflight_immediate: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._halted = False
 
     # ---------------------------------------------------------------- triggers
     def wake(self) -> None:
         """Scan soon (a message was received, a client disconnected, an operator asked)."""
         self._rescan = True
         self._event.set()
+
+    def stop_scanning(self) -> None:
+        """A client filter asked (exit 102/104/105): start no more messages until the next trigger."""
+        self._halted = True
 
     def note_deferred(self, when: float) -> None:
         """A message was deferred until ``when``: make sure the runner is awake by then."""
@@ -121,6 +126,7 @@ class QueueRunner:
         """Start forwarding every due message; return when the next deferred one is due."""
         now = time.time()
         next_due: float | None = None
+        self._halted = False
         names = os.listdir(self.spool.directory)
         with_state = {n[: -len(".retry")] for n in names if n.endswith(".retry")}
         for message_id in sorted(n[: -len(".envelope")] for n in names if n.endswith(".envelope")):
@@ -135,6 +141,9 @@ class QueueRunner:
                 next_due = state.next_attempt if next_due is None else min(next_due, state.next_attempt)
                 continue
             await self._slots.acquire()
+            if self._halted or self._stopping:
+                self._slots.release()
+                break
             claimed = claim(self.spool.directory, message_id)
             if claimed is None:
                 self._slots.release()
@@ -211,7 +220,8 @@ class QueueRunner:
             log.error("id=%s cannot be read for forwarding: %s", message_id, e)
             claimed.mark_bad(self.spool.envelope_path(message_id, "bad"))
             return Outcome(message_id, failed=[], error=str(e), unreadable=True)
-        message = Message(envelope, content, id=message_id, content_path=self.spool.content_path(message_id))
+        message = Message(envelope, content, id=message_id, content_path=self.spool.content_path(message_id),
+                          envelope_path=claimed.busy_path)
         pending = [r for r in envelope.remote_recipients if r.address not in state.delivered]
         now = time.time()
         if not pending:
@@ -220,11 +230,23 @@ class QueueRunner:
                                 immediate=immediate)
 
         verdict = await self.hooks.filter_chain(message, "client")
+        if verdict.stop_scanning:
+            self.stop_scanning()
         if verdict.action is FilterAction.ABANDON:
-            self._remove(message_id)
-            claimed.finish()
+            # E-MailRelay: the filter has dealt with the message (usually deleted it). What it left
+            # goes back to the queue untouched and is looked at again on the next scan.
+            if claimed.busy_path.exists():
+                state.next_attempt = max(state.next_attempt, now + self.policy.delay_after(1))
+                _quietly(lambda: self.save(message_id, state))
+                _quietly(claimed.release)
+                self.note_deferred(state.next_attempt)
+            else:
+                claimed.finish()
+                _quietly(lambda: remove_state(self.spool.directory, message_id))
             self.hooks.emit(Event("message.abandoned", message_id=message_id))
             return Outcome(message_id)
+        envelope = message.envelope  # a client filter may have edited it (ForwardTo, recipients)
+        pending = [r for r in envelope.remote_recipients if r.address not in state.delivered]
         if verdict.action is not FilterAction.OK:
             code = verdict.code or (451 if verdict.action is FilterAction.FAIL else 550)
             result = [DeliveryResult(r, "temp" if code < 500 else "perm", code,

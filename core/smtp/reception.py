@@ -98,6 +98,7 @@ class Reception:
         except SpoolError as e:
             return _spool_reply(e)
         message.content_path = pending.content_path
+        message.envelope_path = pending.envelope_path
 
         if filtering:
             edited = False
@@ -107,6 +108,8 @@ class Reception:
                 edited = True
 
             result = await self.hooks.filter_chain(message, "server", apply_edit=note_edit)
+            if result.rescan and self.relay.queue is not None:
+                self.relay.queue.wake()  # the filter made new messages (exit 102-104)
             if result.action is not FilterAction.OK:
                 self.spool.abort(pending)
                 if result.action is FilterAction.ABANDON:
@@ -119,7 +122,7 @@ class Reception:
             try:
                 await self.spool.commit(
                     pending, new_content=message.content if edited else None,
-                    envelope=envelope.with_reason(f"quarantined: {quarantine}", 0) if quarantine else None,
+                    envelope=message.envelope.with_reason(f"quarantined: {quarantine}", 0) if quarantine else None,
                     state="bad" if quarantine else "ready")
             except SpoolError as e:
                 self.spool.abort(pending)
