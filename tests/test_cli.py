@@ -297,10 +297,10 @@ def test_the_command_line_wins_over_the_options_file(foreground, tmp_path):
 
 
 def test_an_unknown_option_in_the_options_file_is_a_readable_error(tmp_path):
-    options = write(tmp_path / "emailrelay.conf", "# options\nport 2599\nfilter-timeout 5\n")
+    options = write(tmp_path / "emailrelay.conf", "# options\nport 2599\nfrobnicate 5\n")
     result = relay("-t", str(options))
     assert result.returncode == 1
-    assert f"{options}:3: unknown option 'filter-timeout'" in result.stderr
+    assert f"{options}:3: unknown option 'frobnicate'" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -8,6 +8,7 @@ inspect. Every form reads ``relay.conf`` from ``--config/-c``, ``$MAILRELAY_CONF
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -64,8 +65,37 @@ CONFIG_OPTION = click.option("-c", "--config", "config", metavar="FILE", default
                              help="relay.conf (default: $MAILRELAY_CONFIG, else /etc/mailrelay/relay.conf)")
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"],
-                                                             "max_content_width": 100})
+class RelayGroup(click.Group):
+    """The ``relay`` group: core subcommands, plus those that installed plugins add (``relay_cli``).
+
+    Plugin subcommands are looked up only when a name is not a core one (or for ``--help``), so
+    running the daemon never imports plugins it was not asked to enable.
+    """
+
+    _plugin_commands: dict[str, click.Command] | None = None
+
+    def plugin_commands(self) -> dict[str, click.Command]:
+        if self._plugin_commands is None:
+            collected = click.Group("plugins")
+            host = PluginHost()
+            for name in sorted(host.available):
+                try:
+                    host.enable([name])
+                except PluginError as e:  # a broken third-party plugin must not break the CLI
+                    click.echo(f"relay: warning: {e}", err=True)
+            host.pm.hook.relay_cli(cli=collected)
+            self._plugin_commands = {n: c for n, c in collected.commands.items() if n not in self.commands}
+        return self._plugin_commands
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return super().get_command(ctx, cmd_name) or self.plugin_commands().get(cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.plugin_commands()})
+
+
+@click.group(cls=RelayGroup, invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @CONFIG_OPTION
 @_daemon_options
 @click.version_option(__version__, "-V", "--version", prog_name="mailrelay")
@@ -165,6 +195,8 @@ def expand_options_file(argv: list[str]) -> list[str]:
                 i += 1
             continue
         if token in cli.commands:
+            return argv
+        if not os.path.exists(token) and token in cli.plugin_commands():
             return argv
         flags = {o.long for o in OPTIONS if o.kind in ("flag", "count")}
         known = {o.long for o in OPTIONS} | {"config"}
