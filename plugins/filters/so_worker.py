@@ -61,7 +61,7 @@ struct mailrelay_verdict {
     unsigned char *content;
     size_t content_size;
 };
-const int mailrelay_filter_abi_version;
+int mailrelay_filter_abi_version;   /* const in C; cffi reads a global variable */
 int mailrelay_filter_init(const char *argument, void **state, char *error, size_t error_size);
 int mailrelay_filter(void *state, const struct mailrelay_message *message, struct mailrelay_verdict *verdict);
 void mailrelay_filter_free(void *state, struct mailrelay_verdict *verdict);
