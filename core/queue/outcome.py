@@ -117,8 +117,7 @@ async def settle(runner: QueueRunner, claimed: Claim, message: Message, state: D
         claimed.mark_bad(runner.spool.envelope_path(message_id, "bad"))
         log.warning("id=%s failed: %s", message_id, reason)
     else:
-        runner._remove(message_id, state)
-        claimed.finish()
+        runner._remove(message_id, state, claimed)
         if delivered:
             log.info("id=%s delivered to %d recipient(s)", message_id, len(delivered))
     return outcome

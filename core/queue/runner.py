@@ -23,7 +23,7 @@ from ..types import DeliveryResult, Event, FilterAction, Recipient, Route
 from .claim import Claim, claim, recover_stale
 from .outcome import Outcome, settle
 from .schedule import RetryPolicy, parse_duration, parse_schedule
-from .state import Attempt, DeliveryState, load_state, remove_state, save_state
+from .state import Attempt, DeliveryState, load_state, remove_state, save_state, state_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..relay import Relay
@@ -311,14 +311,20 @@ class QueueRunner:
         return await settle(self, claimed, message, state, delivered=by_status["ok"],
                             deferred=by_status["temp"], failed=by_status["perm"], now=now, immediate=immediate)
 
-    def _remove(self, message_id: str, state: DeliveryState | None = None) -> None:
-        for path in (self.spool.envelope_path(message_id, "busy"), self.spool.content_path(message_id)):
+    def _remove(self, message_id: str, state: DeliveryState | None = None, claimed: Claim | None = None) -> None:
+        """Remove a finished message. With ``claimed`` the files go in the spool's commit thread,
+        which drops the claim afterwards (so the ``.busy`` stays locked until it is gone)."""
+        paths = [self.spool.envelope_path(message_id, "busy"), self.spool.content_path(message_id)]
+        if state is None or state.persisted:
+            paths.append(state_path(self.spool.directory, message_id))
+        if claimed is not None:
+            self.spool.discard(paths, then=claimed.finish)
+            return
+        for path in paths:
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        if state is None or state.persisted:
-            remove_state(self.spool.directory, message_id)
 
     def save(self, message_id: str, state: DeliveryState) -> None:
         save_state(self.spool.directory, message_id, state)

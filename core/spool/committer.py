@@ -18,7 +18,7 @@ import os
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 log = logging.getLogger("mailrelay.spool")
 
@@ -44,6 +44,14 @@ class Job:
     renames: list[tuple[str, str]] = field(default_factory=list)
     future: asyncio.Future[None] | None = None
     loop: asyncio.AbstractEventLoop | None = None
+
+
+@dataclass
+class Discard:
+    """Unlink some files, then call ``then`` (in the commit thread). Nobody waits for it."""
+
+    paths: list[str]
+    then: Callable[[], None] | None = None
 
 
 def _load_syncfs():
@@ -73,7 +81,7 @@ class GroupCommitter:
         self.directory = directory
         self.durable = durable
         self.sync_method: SyncMethod = sync_method
-        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Job | Discard | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._dir_fd = -1
         self.batches = 0
@@ -104,14 +112,25 @@ class GroupCommitter:
             self._queue.put(job)
         return job.future
 
+    def discard(self, item: Discard) -> None:
+        """Queue files for removal off the event loop (delivered messages); done in order with
+        the commits, and before :meth:`stop` returns."""
+        if self._thread is None:
+            _discard(item)
+        else:
+            self._queue.put(item)
+
     def _run(self) -> None:
         stopping = False
         while not stopping:
             batch: list[Job] = []
+            discards: list[Discard] = []
             item = self._queue.get()
             while True:
                 if item is None:
                     stopping = True
+                elif isinstance(item, Discard):
+                    discards.append(item)
                 else:
                     batch.append(item)
                 try:
@@ -120,6 +139,8 @@ class GroupCommitter:
                     break
             if batch:
                 self._process(batch)
+            for discard in discards:
+                _discard(discard)
 
     def _process(self, batch: list[Job]) -> None:
         self.batches += 1
@@ -188,6 +209,16 @@ class GroupCommitter:
                 loop.call_soon_threadsafe(_resolve, items)
             except RuntimeError:  # the loop has closed; nobody is waiting any more
                 log.warning("spool commit finished after its event loop closed")
+
+
+def _discard(item: Discard) -> None:
+    for path in item.paths:
+        _unlink_quietly(path)
+    if item.then is not None:
+        try:
+            item.then()
+        except OSError as e:
+            log.warning("after removing %s: %s", item.paths[0] if item.paths else "?", e)
 
 
 def _resolve(items: list[tuple[Job, BaseException | None]]) -> None:
