@@ -37,10 +37,11 @@
  * message gets a temporary failure and every later message does too, until the relay restarts).
  *
  * Either way, calls for one configured filter never overlap: mailrelay_filter() is not called
- * again before the previous call and its mailrelay_filter_free() have returned. They may come
- * from different threads in in-process mode; do not rely on thread-local storage. Two filters
- * configured with the same library share its global variables in in-process mode; keep state in
- * the object that mailrelay_filter_init() returns.
+ * again before the previous call and its mailrelay_filter_free() have returned. In in-process
+ * mode mailrelay_filter_init() runs on the relay's main thread at start-up and the other calls
+ * on a thread of their own (one per configured filter). Two filters configured with the same
+ * library share its global variables in in-process mode (the library is loaded once); keep
+ * state in the object that mailrelay_filter_init() returns.
  *
  * ------------------------------------------------------------------------------------------------
  * Memory ownership

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,8 @@ def start_spamd(workdir: Path, timeout: float = 30.0) -> Spamd:
     home.chmod(0o777)  # spamd's helper runs as nobody and needs a writable HOME
     port = free_port()
     sock = workdir / "spamd.sock"
+    if len(str(sock)) > 100:  # a unix socket path has ~108 bytes
+        sock = Path(tempfile.mkdtemp(prefix="spamd")) / "spamd.sock"
     log_path = workdir / "spamd.log"
     args = [binary, "-L", "-x", f"--listen=127.0.0.1:{port}", f"--listen={sock}", "-H", str(home),
             "--min-children=1", "--max-children=2", "-s", "stderr"]

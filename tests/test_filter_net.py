@@ -11,12 +11,18 @@ import smtplib
 import socket
 import socketserver
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import free_port, wait_until
+from mailrelay_plugins.filters.net import result_from_reply
+from mailrelay_sdk import FilterAction
 from sinks import Sink
 
 HAM = (b"From: a@example.test\r\nTo: x@far.test\r\nSubject: hello\r\nMessage-ID: <net1@example.test>\r\n"
@@ -173,6 +179,28 @@ def test_one_connection_serves_many_messages(relay_process, filter_server):
     assert len(spooled(relay)) == 3
 
 
+@pytest.mark.parametrize("connections", [1, 4])
+def test_concurrent_sessions_each_get_their_own_verdict(relay_process, filter_server, tmp_path, connections):
+    def slow(content: bytes) -> str:
+        time.sleep(0.2)  # long enough for the sessions to overlap
+        return rejecting(content)
+
+    server = filter_server(slow)
+    conf = tmp_path / "relay.conf"
+    conf.write_text(f"[net]\nconnections = {connections}\n")
+    relay = relay_process("-c", str(conf), "--filter", server.spec)
+    subjects = ["bad" if i % 2 else f"good{i}" for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda s: send(relay, mail(s)), subjects))
+    assert [code for code, _ in replies] == [550 if s == "bad" else 250 for s in subjects]
+    assert len(server.requests) == 6
+    if connections == 1:
+        assert server.connections == 1  # the requests took turns
+    else:
+        assert 1 < server.connections <= connections
+    assert sorted(c.split(b"Subject: ")[1][:5] for c in spooled(relay)) == [b"good0", b"good2", b"good4"]
+
+
 # ---------------------------------------------------------------- connection trouble
 def test_server_hanging_up_between_messages_is_transparent(relay_process, filter_server):
     server = filter_server()
@@ -272,3 +300,16 @@ def test_client_stage_failure_keeps_the_message_until_the_server_is_back(relay_p
         wait_until(lambda: spooled(relay) == [], what="an empty spool")
     finally:
         target.stop()
+
+
+# ---------------------------------------------------------------- the reply parser
+@given(st.text(max_size=200))
+def test_any_reply_line_gives_a_safe_single_line_verdict(line):
+    result = result_from_reply(line)
+    if not line or line.startswith("ok"):
+        assert result.action is FilterAction.OK
+        return
+    assert result.action in (FilterAction.REJECT, FilterAction.FAIL)
+    assert 400 <= result.code <= 599 and (result.action is FilterAction.FAIL) == (result.code < 500)
+    # Nothing a server sends can break the reply line: no control characters, no tab, no CR/LF.
+    assert result.text and all(ch >= " " and not "\x7f" <= ch <= "\x9f" for ch in result.text)

@@ -46,6 +46,21 @@ class Claim:
         """The message is gone (delivered or abandoned): just drop the lock."""
         self._unlock()
 
+    def relock(self) -> None:
+        """Lock ``.busy`` again if a filter replaced the file (a rename over it): the lock is
+        what tells another process's start-up that this message is still being worked on."""
+        fd = os.open(self.busy_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        if self.fd >= 0 and os.fstat(fd).st_ino == os.fstat(self.fd).st_ino:
+            os.close(fd)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise
+        self._unlock()
+        self.fd = fd
+
     def _unlock(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)  # closing drops the flock

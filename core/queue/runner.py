@@ -224,7 +224,7 @@ class QueueRunner:
                           envelope_path=claimed.busy_path)
         pending = [r for r in envelope.remote_recipients if r.address not in state.delivered]
         now = time.time()
-        if not pending:
+        if not pending and not envelope.local_recipients:
             log.info("id=%s has no remote recipients left; nothing to forward", message_id)
             return await settle(self, claimed, message, state, delivered=[], deferred=[], failed=[], now=now,
                                 immediate=immediate)
@@ -232,6 +232,10 @@ class QueueRunner:
         verdict = await self.hooks.filter_chain(message, "client")
         if verdict.stop_scanning:
             self.stop_scanning()
+        if verdict.rescan:
+            self.wake()
+        # A filter that rewrote the envelope replaced the file the claim's lock is on.
+        _quietly(claimed.relock)
         if verdict.action is FilterAction.ABANDON:
             # E-MailRelay: the filter has dealt with the message (usually deleted it). What it left
             # goes back to the queue untouched and is looked at again on the next scan.
@@ -247,6 +251,15 @@ class QueueRunner:
             return Outcome(message_id)
         envelope = message.envelope  # a client filter may have edited it (ForwardTo, recipients)
         pending = [r for r in envelope.remote_recipients if r.address not in state.delivered]
+        if verdict.action is FilterAction.OK and not pending:
+            if envelope.local_recipients:
+                # E-MailRelay fails a message whose recipients are all local: nothing here can
+                # deliver them (deliver: would have), and dropping them would lose the mail.
+                local = [DeliveryResult(r, "perm", 550, "5.1.1 local recipient not delivered by any filter")
+                         for r in envelope.local_recipients]
+                return await self._record(claimed, message, state, local, "", now, immediate)
+            return await settle(self, claimed, message, state, delivered=[], deferred=[], failed=[], now=now,
+                                immediate=immediate)
         if verdict.action is not FilterAction.OK:
             code = verdict.code or (451 if verdict.action is FilterAction.FAIL else 550)
             result = [DeliveryResult(r, "temp" if code < 500 else "perm", code,
@@ -263,7 +276,10 @@ class QueueRunner:
                       recipients: list[Recipient]) -> list[tuple[Route | None, list[Recipient]]]:
         """Recipients grouped by route (``None``: nobody knows a route for them)."""
         groups: dict[tuple[str, str], tuple[Route | None, list[Recipient]]] = {}
-        override = message.envelope.forward_to_address or message.envelope.forward_to
+        # E-MailRelay: ForwardToAddress is where to connect; ForwardTo is a routing hint for a
+        # client filter (mx:), used directly only when it names a port (a host:port next hop).
+        forward_to = message.envelope.forward_to
+        override = message.envelope.forward_to_address or (forward_to if _has_port(forward_to) else "")
         for recipient in recipients:
             route: Route | None
             if override:  # a filter chose the next hop (E-MailRelay's ForwardTo fields)
@@ -328,6 +344,11 @@ class QueueRunner:
 
     def save(self, message_id: str, state: DeliveryState) -> None:
         save_state(self.spool.directory, message_id, state)
+
+
+def _has_port(hostport: str) -> bool:
+    host, sep, port = hostport.rpartition(":")
+    return bool(sep and host and port.isdigit())
 
 
 def _quietly(action: Callable[[], object]) -> None:

@@ -99,7 +99,8 @@ class Spool:
             if name.endswith(".envelope.new"):
                 stem = name[: -len(".envelope.new")]
             elif name.endswith(".content") and not any(
-                    name[: -len(".content")] + s in names for s in _SUFFIX.values()):
+                    name[: -len(".content")] + s in names for s in _SUFFIX.values()) and \
+                    not self._referenced_from_mailbox(name[: -len(".content")]):
                 stem = name[: -len(".content")]
             if stem is None:
                 continue
@@ -114,6 +115,16 @@ class Spool:
             removed += 1
             log.warning("spool: removed unacknowledged leftover %s", name)
         return removed
+
+    def _referenced_from_mailbox(self, message_id: str) -> bool:
+        """E-MailRelay's ``copy:pop`` leaves the content here and the envelope in a mailbox
+        sub-directory (``--pop-by-name``): such content is not an orphan."""
+        try:
+            subdirs = [e for e in os.scandir(self.directory) if e.is_dir() and not e.name.startswith(".")]
+        except OSError:
+            return True  # when in doubt, keep it
+        return any(os.path.exists(os.path.join(d.path, message_id + suffix))
+                   for d in subdirs for suffix in (".envelope", ".envelope.busy", ".envelope.new"))
 
     # ---------------------------------------------------------------- writing
     def new_id(self) -> str:

@@ -102,18 +102,18 @@ class FilterChain:
         path = message.content_path
         if path is None:
             return
-        if self.stage == "server":
-            # Not yet published: the commit that follows flushes it.
-            path.write_bytes(content)
-            return
-        # Published: replace atomically, and durably before anything is forwarded.
+        # A new file renamed over the old one: an earlier filter may have hard-linked the content
+        # into a mailbox (copy:hardlink), and an edit must not change that copy.
+        # At the server stage the commit that follows flushes it; at the client stage the message
+        # is published, so the edit is made durable before anything is forwarded.
+        durable = self.durable and self.stage != "server"
         tmp = path.with_name(f".{path.name}.edit")
         with open(tmp, "wb") as f:
             f.write(content)
-            if self.durable:
+            if durable:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-        if self.durable:
+        if durable:
             fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(fd)

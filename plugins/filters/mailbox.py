@@ -30,6 +30,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -255,14 +256,25 @@ class _MailboxFilter:
     async def __call__(self, message: Message, stage: Any) -> FilterResult:
         if message.content_path is None or message.envelope_path is None:
             return FilterResult.fail(TEMPFAIL, 451, "4.3.0", reason="message has no spool files")
+        given_up = threading.Event()
         try:
-            return await asyncio.to_thread(self.run, message, stage)
+            return await asyncio.to_thread(self.run, message, stage, given_up)
+        except asyncio.CancelledError:
+            # The chain gave up (timeout, shutdown) and will retry or refuse the message: the
+            # thread must not remove or rewrite files that are no longer this run's to touch.
+            given_up.set()
+            raise
         except OSError as e:
-            log.error("id=%s %s failed in %s: %s", message.id, self.name, self.directory, e)
+            log.error("id=%s filter=%s failed in %s: %s", message.id, self.name, self.directory, e)
             return FilterResult.fail(TEMPFAIL, 451, "4.3.0", reason=f"{self.name} failed: {e}")
 
-    def run(self, message: Message, stage: Any) -> FilterResult:
+    def run(self, message: Message, stage: Any, given_up: threading.Event) -> FilterResult:
         raise NotImplementedError
+
+
+def _check(given_up: threading.Event) -> None:
+    if given_up.is_set():
+        raise OSError("the filter chain gave up waiting; the message is left as it is")
 
 
 class CopyFilter(_MailboxFilter):
@@ -295,22 +307,23 @@ class CopyFilter(_MailboxFilter):
                     chosen.append(path)
         return sorted(chosen), sorted(skipped)
 
-    def run(self, message: Message, stage: Any) -> FilterResult:
+    def run(self, message: Message, stage: Any, given_up: threading.Event) -> FilterResult:
         assert message.envelope_path is not None
         targets, skipped = self.targets()
         if not targets:
             if not self._warned:
-                log.warning("%s: no sub-directories of %s to copy into; messages pass unchanged",
+                log.warning("filter=%s: no sub-directories of %s to copy into; messages pass unchanged",
                             self.name, self.directory)
                 self._warned = True
             return FilterResult.ok()
         envelope_bytes = message.envelope_path.read_bytes()
         for target in targets:
             deliver_to(target, message, envelope_bytes, hardlink=self.hardlink, pop=self.pop, durable=self.durable)
-        log.info("id=%s %s copied to [%s]%s", message.id, self.name, ",".join(t.name for t in targets),
+        log.info("id=%s filter=%s copied to [%s]%s", message.id, self.name, ",".join(t.name for t in targets),
                  f" not [{','.join(skipped)}]" if skipped else "")
         if self.no_delete:
             return FilterResult.ok()
+        _check(given_up)
         remove_message(message, keep_content=self.pop, durable=self.durable and stage == "client")
         return FilterResult.abandon()
 
@@ -327,7 +340,7 @@ class DeliverFilter(_MailboxFilter):
         self.no_delete, self.hardlink = "nodelete" in words, "hardlink" in words
         self.name = spec.text.strip()
 
-    def run(self, message: Message, stage: Any) -> FilterResult:
+    def run(self, message: Message, stage: Any, given_up: threading.Event) -> FilterResult:
         envelope = message.envelope
         mailboxes = sorted({r.mailbox for r in envelope.local_recipients if r.mailbox is not None})
         if not mailboxes:
@@ -335,7 +348,7 @@ class DeliverFilter(_MailboxFilter):
         for mailbox in mailboxes:
             problem = mailbox_problem(mailbox)
             if problem is not None:
-                log.error("id=%s %s: refusing mailbox %r: %s (check the address verifier)", message.id,
+                log.error("id=%s filter=%s refusing mailbox %r: %s (check the address verifier)", message.id,
                           self.name, mailbox, problem)
                 return FilterResult.fail(TEMPFAIL, 451, "4.3.0", reason=f"invalid mailbox name: {problem}")
         assert message.envelope_path is not None
@@ -344,14 +357,15 @@ class DeliverFilter(_MailboxFilter):
         for mailbox in mailboxes:
             directory = self.directory / mailbox
             if not directory.is_dir():
-                log.info("id=%s %s: creating mailbox %s", message.id, self.name, mailbox)
+                log.info("id=%s filter=%s creating mailbox %s", message.id, self.name, mailbox)
                 _make_maildir(directory, self.durable)
             name = deliver_to(directory, message, envelope_bytes, hardlink=self.hardlink, durable=self.durable)
             stored.append(f"{mailbox}/{name}")
-        log.info("id=%s %s delivered to %s", message.id, self.name, ", ".join(stored))
+        log.info("id=%s filter=%s delivered to %s", message.id, self.name, ", ".join(stored))
         if self.no_delete:
             return FilterResult.ok()
         remote = envelope.remote_recipients
+        _check(given_up)
         if not remote:
             remove_message(message, durable=self.durable and stage == "client")
             return FilterResult.abandon()

@@ -33,6 +33,7 @@ TEXT_SIZE = 512                 # MAILRELAY_FILTER_TEXT_SIZE
 ERROR_SIZE = 512                # MAILRELAY_FILTER_ERROR_SIZE
 FRAME = struct.Struct("!Q")
 MAX_HEADER_FRAME = 16 << 20     # JSON frames: envelopes with many recipients, never megabytes of text
+MAX_CONTENT_FRAME = 1 << 40     # the daemon's size limit applies before a message gets here
 MESSAGE_FIELDS = ("spool_id", "stage", "sender", "client_ip", "helo", "auth_user", "message_id",
                   "content_path", "envelope_path")
 
@@ -61,7 +62,7 @@ struct mailrelay_verdict {
     unsigned char *content;
     size_t content_size;
 };
-int mailrelay_filter_abi_version;   /* const in C; cffi reads a global variable */
+extern int mailrelay_filter_abi_version;   /* const in C; ABI mode reads it as a variable */
 int mailrelay_filter_init(const char *argument, void **state, char *error, size_t error_size);
 int mailrelay_filter(void *state, const struct mailrelay_message *message, struct mailrelay_verdict *verdict);
 void mailrelay_filter_free(void *state, struct mailrelay_verdict *verdict);
@@ -108,7 +109,7 @@ class Library:
             raise FilterLoadError(f"cannot load {path}: {e}") from None
         try:
             version = int(self.lib.mailrelay_filter_abi_version)
-        except AttributeError:
+        except (AttributeError, KeyError):  # cffi: KeyError for a variable, AttributeError for a function
             raise FilterLoadError(f"{path} is not a mailrelay filter: it does not export "
                                   "mailrelay_filter_abi_version (see filters_c/mailrelay_filter.h)") from None
         if version not in ABI_VERSIONS:
@@ -119,11 +120,11 @@ class Library:
         for name in ("mailrelay_filter_init", "mailrelay_filter", "mailrelay_filter_free"):
             try:
                 getattr(self.lib, name)
-            except AttributeError:
+            except (AttributeError, KeyError):
                 raise FilterLoadError(f"{path} does not export {name}") from None
         try:
             self._cleanup = self.lib.mailrelay_filter_cleanup
-        except AttributeError:
+        except (AttributeError, KeyError):
             self._cleanup = None
         self.state: Any = ffi.NULL
         self.initialised = False
@@ -238,7 +239,7 @@ def serve(requests: IO[bytes], answers: IO[bytes]) -> int:
     try:
         while (header := read_frame(requests, MAX_HEADER_FRAME)) is not None:
             fields = json.loads(header)
-            content = read_frame(requests, int(fields.get("content_limit", 1 << 40)))
+            content = read_frame(requests, MAX_CONTENT_FRAME)
             if content is None:
                 raise EOFError("input ended before the content frame")
             answer = library.call(fields, content, max_output)
