@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from .config.loader import ConfigError
 from .types import FilterAction, FilterResult, Stage
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,7 +27,7 @@ PROGRAM_SCHEME = "file"  # a plain path; ``file:PATH`` says the same explicitly
 _SCHEME_RE = re.compile(r"([a-z][a-z0-9-]*):(.*)", re.DOTALL)
 
 
-class FilterSpecError(ValueError):
+class FilterSpecError(ConfigError):
     """A filter spec that no plugin can turn into a filter (unknown scheme, bad argument)."""
 
 

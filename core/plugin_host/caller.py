@@ -17,6 +17,7 @@ from typing import Any, Awaitable, Callable
 
 import pluggy
 
+from ..config.loader import ConfigError
 from ..types import Event, FilterAction, FilterResult, Verdict
 from .manager import PluginHost
 
@@ -79,8 +80,9 @@ class HookCaller:
         except asyncio.CancelledError:
             raise
         except Exception as e:
+            # A configuration problem is phrased for the operator; a traceback would bury it.
             log.error("plugin=%s hook=%s raised %s: %s", impl.plugin_name, hook, type(e).__name__, e,
-                      exc_info=True)
+                      exc_info=not isinstance(e, ConfigError))
             raise PluginFailure(impl.plugin_name, hook, f"{type(e).__name__}: {e}") from e
         if self.trace:
             log.info("trace hook=%s plugin=%s args=%r result=%r elapsed_ms=%.1f", hook,
