@@ -71,7 +71,8 @@ def specs(workdir: Path, wanted: list[str]) -> dict[str, str]:
     table = {"none": "", "exit": "exit:0", "program": str(script), "pipe": f"pipe:{cat}"}
     if any(name.startswith("so-") for name in wanted):
         library = build_so(workdir)
-        table.update({"so-isolated": f"so:{library}", "so-inprocess": f"so:inprocess:{library}"})
+        table.update({"so-isolated": f"so:{library};X-Bench: stamped",
+                      "so-inprocess": f"so:inprocess:{library};X-Bench: stamped"})
     return table
 
 

@@ -57,7 +57,9 @@ class Filter(Protocol):
     ``message.content_path`` and ``message.envelope_path`` (``.envelope.new`` at the server stage,
     ``.envelope.busy`` at the client stage). A filter that edits those files directly sets the
     class attribute ``edits_files = True`` so that the chain reloads them afterwards; a filter
-    that returns ``FilterResult.content`` has the chain write the new content for it.
+    that returns ``FilterResult.content`` has the chain write the new content for it. A filter
+    that reads only ``message`` (never the files) sets ``in_memory = True``, so that an edit made
+    by the filter before it need not reach the disk first.
     An optional ``async aclose()`` releases connections and worker processes at shutdown.
     """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import re
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -13,6 +14,8 @@ from .spool.envelope import Envelope
 from .types import Session, Transaction
 
 _HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.SMTPUTF8)
+# "Message-ID:" at the start of a header line, with any continuation lines of its value.
+_MESSAGE_ID = re.compile(rb"^message-id:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", re.IGNORECASE | re.MULTILINE)
 
 
 @dataclass
@@ -39,8 +42,14 @@ class Message:
 
     @property
     def message_id(self) -> str:
-        """The ``Message-ID`` header, or ``""``."""
-        return str(self.headers.get("Message-ID", "") or "").strip()
+        """The ``Message-ID`` header, or ``""``. Found by a scan of the header section, not a
+        parse: filters ask for it on every message, and a full header parse costs more than
+        some filters themselves."""
+        head = b"" if self.content.startswith(b"\r\n") else self.content.split(b"\r\n\r\n", 1)[0]
+        match = _MESSAGE_ID.search(head)
+        if match is None:
+            return ""
+        return match.group(1).replace(b"\r\n", b"").decode("utf-8", "replace").strip()
 
     def replace_content(self, content: bytes) -> None:
         self.content = content

@@ -330,3 +330,12 @@ def test_every_exit_code_maps_to_a_verdict(code, stage):
 ])
 def test_specs_split_like_emailrelay(spec, expected):
     assert split_spec(spec) == expected
+
+
+def test_an_edit_in_memory_reaches_the_file_before_a_filter_that_reads_files(tmp_path, relay_process):
+    stamp = script(tmp_path / "stamp.sh", "printf 'X-Stamp: 1\\r\\n'; cat\n")
+    check = script(tmp_path / "check.sh", "grep -q '^X-Stamp: 1' \"$1\" || { echo '<<550 not stamped>>'; exit 1; }\n")
+    relay = relay_process("--filter", f"pipe:{stamp},msgid:,{check}")
+    assert send(relay.port) == (250, "")
+    (content,) = spooled(relay.spool)
+    assert content.startswith(b"X-Stamp: 1\r\n")

@@ -24,6 +24,8 @@ _sequence = itertools.count()
 
 
 class ExitFilter:
+    in_memory = True  # works on message.content only: no need to write edits to the file first
+
     def __init__(self, spec: FilterSpec, reject_code: int = 550):
         text = spec.argument.strip()
         if not text.isdigit() or int(text) > 255:
@@ -59,6 +61,8 @@ def new_message_id(domain: str) -> str:
 
 class MessageIdFilter:
     """``msgid:``: the new content goes back as ``FilterResult.content``; the chain writes it."""
+
+    in_memory = True  # works on message.content only: no need to write edits to the file first
 
     name = "msgid:"
 

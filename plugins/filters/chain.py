@@ -1,9 +1,10 @@
 """Run one stage's filters in order, keeping the message and its spool files in step.
 
-After each filter the in-memory message matches the files: content a filter returns is written to
-the content file (atomically and durably once the message is published, at the client stage), and
-after a filter that edits the files itself they are read back. Every run emits ``filter.done``.
-A filter that raises, overruns or answers nonsense is a temporary failure, never a lost message.
+Content a filter returns replaces the message in memory, and reaches the content file before the
+next filter that reads files (any filter without ``in_memory = True``) or at the end: at the client
+stage atomically and durably here, at the server stage by the commit that publishes the message.
+After a filter that edits the files itself (``edits_files = True``) they are read back. Every run
+emits ``filter.done``. A filter that raises, overruns or answers nonsense is a temporary failure, never a lost message.
 """
 
 from __future__ import annotations
@@ -43,13 +44,21 @@ class FilterChain:
 
     async def run(self, message: Message) -> FilterResult:
         rescan = stop = False
+        unwritten = False  # message.content is newer than the content file
         for spec, flt in self.filters:
             started = time.perf_counter()
-            result = await self._run_one(spec, flt, message)
+            result = None
+            if unwritten and not getattr(flt, "in_memory", False):
+                result = await self._write(flt, message)  # this filter reads the files
+                unwritten = False
+            if result is None:
+                result = await self._run_one(spec, flt, message)
             if result.action is FilterAction.OK:
-                problem = await self._sync(flt, result, message)
-                if problem is not None:
-                    result = problem
+                if result.content is not None:
+                    message.replace_content(result.content)
+                    unwritten = True
+                elif getattr(flt, "edits_files", False):
+                    result = await self._read_back(flt, message) or result
             rescan |= result.rescan
             stop |= result.stop_scanning
             elapsed = time.perf_counter() - started
@@ -61,6 +70,13 @@ class FilterChain:
                          f" code={result.code} response={result.text!r}" if result.code else "",
                          f" reason={result.reason!r}" if result.reason and result.reason != result.text else "")
                 return replace(result, content=None, rescan=rescan, stop_scanning=stop)
+        if unwritten:
+            if self.stage == "server":
+                # The commit that publishes the message writes it, in the same trip to the disk.
+                return FilterResult(FilterAction.OK, content=message.content, rescan=rescan, stop_scanning=stop)
+            problem = await self._write(None, message)
+            if problem is not None:
+                return replace(problem, rescan=rescan, stop_scanning=stop)
         return FilterResult(FilterAction.OK, rescan=rescan, stop_scanning=stop)
 
     async def _run_one(self, spec: FilterSpec, flt: Filter, message: Message) -> FilterResult:
@@ -78,17 +94,20 @@ class FilterChain:
             return FilterResult.fail(TEMPFAIL, 451, "4.3.0", reason="filter returned nonsense")
         return result
 
-    async def _sync(self, flt: Any, result: FilterResult, message: Message) -> FilterResult | None:
-        """Bring the message and the files into agreement after a filter said OK."""
+    async def _write(self, flt: Any, message: Message) -> FilterResult | None:
+        """Write edited content to the file before a filter that reads files (or at the end)."""
         try:
-            if result.content is not None:
-                await asyncio.to_thread(self._write_content, message, result.content)
-                message.replace_content(result.content)
-            elif getattr(flt, "edits_files", False):
-                content, envelope = await asyncio.to_thread(_read_back, message)
-                if content != message.content:
-                    message.replace_content(content)
-                message.envelope = envelope
+            await asyncio.to_thread(self._write_content, message, message.content)
+        except OSError as e:
+            log.error("id=%s edited content cannot be written%s: %s", message.id,
+                      f" for filter={flt.name}" if flt is not None else "", e)
+            return FilterResult.fail(TEMPFAIL, 451, "4.3.0", reason=f"cannot write edited content: {e}")
+        return None
+
+    async def _read_back(self, flt: Any, message: Message) -> FilterResult | None:
+        """After a filter that edits the files itself, the message follows the files."""
+        try:
+            content, envelope = await asyncio.to_thread(_read_back, message)
         except FileNotFoundError:
             log.error("id=%s filter=%s said ok but the message files are gone (a filter that deletes "
                       "the message should exit 100)", message.id, flt.name)
@@ -96,6 +115,9 @@ class FilterChain:
         except (OSError, ValueError) as e:
             log.error("id=%s after filter=%s the message cannot be read back: %s", message.id, flt.name, e)
             return FilterResult.fail(TEMPFAIL, 451, "4.3.0", reason=f"unreadable after filter: {e}")
+        if content != message.content:
+            message.replace_content(content)
+        message.envelope = envelope
         return None
 
     def _write_content(self, message: Message, content: bytes) -> None:

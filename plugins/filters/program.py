@@ -76,6 +76,8 @@ class ProgramFilter:
 class PipeFilter:
     """``pipe:PATH``: message on stdin, edited message (or nothing) on stdout, envelope in the environment."""
 
+    in_memory = True  # works on message.content only: no need to write edits to the file first
+
     def __init__(self, spec: FilterSpec, reject_code: int = 550, max_size: int = 0):
         self.argv = _program(spec)
         self.name = "pipe:" + os.path.basename(self.argv[0])

@@ -57,6 +57,8 @@ class SpamdUnavailable(Exception):
 class SpamFilter:
     """``spam:`` (reject spam) or ``spam-edit:`` (let spamd rewrite the message)."""
 
+    in_memory = True  # works on message.content only: no need to write edits to the file first
+
     def __init__(self, spec: FilterSpec, *, edit: bool, settings: SpamSettings | None = None,
                  reject_code: int = 550):
         self.settings = settings or SpamSettings()
