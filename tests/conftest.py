@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -49,6 +50,23 @@ def wait_until(check, timeout=15.0, what="condition"):
             return result
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def submit(port: int, content: bytes, *, sender: str = "a@example.test",
+           recipients: tuple[str, ...] | list[str] = ("x@far.test",), timeout: float = 60.0) -> tuple[int, str]:
+    """Send one message in its own session; the reply to DATA as (code, text), (250, "") when accepted."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=timeout) as client:
+        try:
+            client.sendmail(sender, list(recipients), content)
+        except smtplib.SMTPDataError as e:
+            return e.smtp_code, e.smtp_error.decode()
+    return 250, ""
+
+
+def spooled_contents(spool_dir: Path) -> list[bytes]:
+    """Contents of the messages in a spool directory, oldest first (ids end in a sequence number)."""
+    paths = sorted(Path(spool_dir).glob("*.content"), key=lambda p: int(p.name.split(".")[-2]))
+    return [p.read_bytes() for p in paths]
 
 
 def require(program: str) -> str:
@@ -105,6 +123,22 @@ def relay_process(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
     yield start
     for relay in started:
         relay.stop()
+
+
+@pytest.fixture
+def sink():
+    """Factory: a real SMTP server (tests/sinks.py) that records what it is sent; stopped at teardown."""
+    from sinks import Behaviour, Sink
+    servers: list[Sink] = []
+
+    def start(behaviour: Behaviour | None = None, port: int | None = None) -> Sink:
+        server = Sink(port or free_port(), behaviour).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
 
 
 @pytest.fixture

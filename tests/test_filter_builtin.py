@@ -9,27 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import free_port, wait_until
+from conftest import wait_until
 from mailrelay.spool import Envelope
 from mailrelay_plugins.filters.builtin import has_message_id
 from mailrelay_plugins.filters.routing_filters import parse_forward_to
-from sinks import Sink
 
 NO_ID = b"From: a@example.test\r\nSubject: no id\r\n\r\nbody\r\n"
 
 
-@pytest.fixture
-def sink():
-    servers: list[Sink] = []
-
-    def start() -> Sink:
-        server = Sink(free_port()).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def send(port: int, recipients: list[str], body: bytes = NO_ID) -> tuple[int, bytes]:
@@ -160,8 +147,7 @@ def test_mx_dns_failure_is_temporary_and_the_message_waits(relay_process, sink, 
     assert target.received == []
 
 
-def test_mx_for_a_domain_that_does_not_exist_fails_the_message(relay_process, sink, dns_server):
-    target = sink()
+def test_mx_for_a_domain_that_does_not_exist_fails_the_message(relay_process, dns_server):
     host, port = dns_server
     relay = relay_process("--filter", "split:", "--client-filter", f"mx:{host}:{port}",
                           "--forward-to", "127.0.0.1:9")

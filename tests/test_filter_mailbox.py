@@ -13,27 +13,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import free_port, wait_until
+from conftest import wait_until
 from mailrelay.spool import Envelope
 from mailrelay_plugins.filters.mailbox import mailbox_problem
 from mailrelay_sdk import Recipient, Verdict, hookimpl
-from sinks import Sink
 
 BODY = b"Subject: for the mailbox\r\n\r\nhello mailbox\r\n"
 
 
-@pytest.fixture
-def sink():
-    servers: list[Sink] = []
-
-    def start() -> Sink:
-        server = Sink(free_port()).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def marker(tmp_path: Path, mailboxes: dict[str, str]) -> str:

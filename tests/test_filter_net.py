@@ -7,7 +7,6 @@ E-MailRelay would.
 
 from __future__ import annotations
 
-import smtplib
 import socket
 import socketserver
 import threading
@@ -20,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import free_port, wait_until
+from conftest import free_port, spooled_contents, submit, wait_until
 from mailrelay_plugins.filters.net import result_from_reply
 from mailrelay_sdk import FilterAction
 from sinks import Sink
@@ -123,17 +122,11 @@ def filter_server():
 
 
 def send(relay, content: bytes = HAM) -> tuple[int, str]:
-    """Send one message in its own session; the reply to DATA as (code, text)."""
-    with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
-        try:
-            client.sendmail("a@example.test", ["x@far.test"], content)
-        except smtplib.SMTPDataError as e:
-            return e.smtp_code, e.smtp_error.decode()
-    return 250, ""
+    return submit(relay.port, content)
 
 
 def spooled(relay) -> list[bytes]:
-    return [p.read_bytes() for p in sorted(relay.spool.glob("*.content"))]
+    return spooled_contents(relay.spool)
 
 
 def rejecting(content: bytes) -> str:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import smtplib
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, require, wait_until
+from conftest import ROOT, free_port, require, spooled_contents, submit, wait_until
 from mailrelay_plugins.filters.so_worker import ffi
 from sinks import Sink
 
@@ -32,19 +31,11 @@ def libs(tmp_path_factory) -> Path:
 
 
 def send(port: int, content: bytes = MSG, *, timeout: float = 30) -> tuple[int, str]:
-    """Submit one message; the reply to DATA (250 when accepted)."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=timeout) as client:
-        try:
-            client.sendmail("a@example.test", ["b@example.test"], content)
-        except smtplib.SMTPDataError as e:
-            return e.smtp_code, e.smtp_error.decode()
-    return 250, ""
+    return submit(port, content, recipients=["b@example.test"], timeout=timeout)
 
 
 def spooled(relay) -> list[bytes]:
-    """Contents of the messages in the spool, oldest first (ids end in a sequence number)."""
-    paths = sorted(relay.spool.glob("*.content"), key=lambda p: int(p.name.split(".")[-2]))
-    return [p.read_bytes() for p in paths]
+    return spooled_contents(relay.spool)
 
 
 def worker_stamp(content: bytes) -> tuple[int, int]:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import email
 import email.policy
 import re
-import smtplib
 
 import pytest
 
-from conftest import free_port, wait_until
+from conftest import free_port, spooled_contents, submit, wait_until
 from sinks import Sink
 from spamd import GTUBE, spamd, spamd_factory  # noqa: F401 (fixtures)
 
@@ -21,17 +20,11 @@ TEMPFAIL = (451, "4.3.0 Temporary local problem, please try again later")
 
 
 def send(relay, content: bytes) -> tuple[int, str]:
-    """Send one message in its own session; the reply to DATA as (code, text)."""
-    with smtplib.SMTP("127.0.0.1", relay.port, timeout=60) as client:
-        try:
-            client.sendmail("alice@example.test", ["bob@far.test"], content)
-        except smtplib.SMTPDataError as e:
-            return e.smtp_code, e.smtp_error.decode()
-    return 250, ""
+    return submit(relay.port, content, sender="alice@example.test", recipients=["bob@far.test"])
 
 
 def spooled(relay) -> list[bytes]:
-    return [p.read_bytes() for p in sorted(relay.spool.glob("*.content"))]
+    return spooled_contents(relay.spool)
 
 
 def parsed(content: bytes) -> email.message.EmailMessage:

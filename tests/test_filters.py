@@ -17,7 +17,6 @@ from conftest import wait_until
 from mailrelay.filtering import parse_reason, result_from_exit, split_spec
 from mailrelay.spool import Spool
 from mailrelay_sdk import FilterAction, hookimpl
-from test_forward import sink  # noqa: F401  (fixture)
 from test_forward_modes import relay_cli
 
 MSG = "From: a@example.test\r\nTo: x@far.test\r\nSubject: {subject}\r\nMessage-ID: <{mid}@example.test>\r\n\r\nbody\r\n"

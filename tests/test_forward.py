@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import email
-import email.policy
 import json
 import shutil
-import signal
 import smtplib
 import subprocess
 import sys
@@ -17,25 +14,12 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, require, wait_until
-from mailrelay.spool import Spool
 from mailrelay_sdk import hookimpl
-from sinks import Behaviour, Sink
+from sinks import Behaviour
 
 MSG = b"From: a@example.test\r\nTo: x@far.test\r\nSubject: forward me\r\nMessage-ID: <fw1@example.test>\r\n\r\nbody\r\n"
 
 
-@pytest.fixture
-def sink():
-    servers: list[Sink] = []
-
-    def start(behaviour: Behaviour | None = None, port: int | None = None) -> Sink:
-        server = Sink(port or free_port(), behaviour).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def forwarding(sink_port: int, **queue) -> dict:

@@ -10,11 +10,10 @@ import time
 
 import pytest
 
-from conftest import free_port
 from mailrelay.spool import Spool
 from mailrelay_sdk.testing import RunningRelay
-from sinks import Behaviour, Sink
-from test_forward import MSG, sink, wait_until  # noqa: F401  (fixture)
+from sinks import Behaviour
+from test_forward import MSG, wait_until
 
 
 def fill(spool_dir, count: int, recipients=("x@far.test",), sender="a@example.test") -> None:

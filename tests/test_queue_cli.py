@@ -14,9 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
-from conftest import free_port, wait_until
+from conftest import wait_until
 from mailrelay.queue.claim import claim
 from mailrelay.spool import Envelope
 from mailrelay_sdk.testing import RunningRelay
@@ -27,18 +26,6 @@ MSG = (b"From: a@example.test\r\nTo: x@far.test\r\nSubject: forward me\r\nMessag
 REFUSING = {"later": "451 4.2.1 mailbox busy", "nobody": "550 5.1.1 no such user"}
 
 
-@pytest.fixture
-def sink():
-    servers: list[Sink] = []
-
-    def start(behaviour: Behaviour | None = None) -> Sink:
-        server = Sink(free_port(), behaviour).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def queue(spool: Path, *args: str) -> subprocess.CompletedProcess[str]:
