@@ -95,7 +95,9 @@ def on_rcpt_to(session: Session, transaction: Transaction, recipient: Recipient)
 def on_receive(message: Message) -> Verdict | None:
     """DATA is complete and the content is in memory, before anything is written or acknowledged.
 
-    ``message.content`` includes the ``Received:`` header the relay added. A rejecting verdict
+    ``message.content`` includes the ``Received:`` header the relay added; a plugin may edit it
+    with ``message.replace_content(...)`` (add a header, say) and the edit is what gets spooled.
+    A rejecting verdict
     answers the DATA command; ``DISCARD`` acknowledges and drops the message; ``QUARANTINE``
     stores it as ``.envelope.bad`` with the verdict's reason (held, never forwarded).
     """

@@ -16,7 +16,7 @@ from .settings import CORE_SECTIONS, Settings, build_settings
 SYSTEM_CONFIG = "/etc/mailrelay/relay.conf"
 
 # A configuration section that only one built-in plugin reads enables that plugin.
-SECTION_PLUGINS = {"filters": "filters"}
+SECTION_PLUGINS = {"filters": "filters", "dnsbl": "dnsbl"}
 
 __all__ = ["ConfigError", "Settings", "Sources", "find_config_file", "load_settings", "SYSTEM_CONFIG"]
 

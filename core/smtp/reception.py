@@ -79,6 +79,7 @@ class Reception:
                 transaction.sender.isascii() and all(r.address.isascii() for r in transaction.recipients)),
         )
         message = Message(envelope, header + body, id=message_id, session=session, transaction=transaction)
+        received = message.content
 
         verdict = await self.hooks.decide("on_receive", message=message)
         _mark(transaction, verdict)
@@ -93,8 +94,9 @@ class Reception:
         filtering = self.hooks.has("on_filter")
         quarantine = transaction.quarantine_reason
         try:
-            pending = await self.spool.write(message_id, envelope, [header, body],
-                                             commit=not (filtering or quarantine))
+            # An on_receive plugin may have edited the message (a header added, say).
+            parts = [header, body] if message.content is received else [message.content]
+            pending = await self.spool.write(message_id, envelope, parts, commit=not (filtering or quarantine))
         except SpoolError as e:
             return _spool_reply(e)
         message.content_path = pending.content_path
