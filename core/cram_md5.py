@@ -122,15 +122,17 @@ def _hmac_key_pads(password: bytes) -> tuple[bytes, bytes]:
     return bytes(k ^ 0x36 for k in key), bytes(k ^ 0x5C for k in key)
 
 
-def hashed_secret(password: str, *, dotted: bool = False) -> str:
-    """What ``emailrelay-passwd`` prints for ``password`` (UTF-8): the ``md5`` secrets-file field.
+def hashed_secret(password: str | bytes, *, dotted: bool = False) -> str:
+    """What ``emailrelay-passwd`` prints for ``password`` (text is hashed as UTF-8, bytes as
+    they are, like ``emailrelay-passwd --base64``): the ``md5`` secrets-file field.
 
     ``dotted=True`` gives the older form that ``emailrelay-passwd --dotted`` prints.
     """
     if not password:
         raise ValueError("the password is empty")
     inner, outer = Md5State(), Md5State()
-    inner_pad, outer_pad = _hmac_key_pads(password.encode("utf-8"))
+    key = password.encode("utf-8") if isinstance(password, str) else password
+    inner_pad, outer_pad = _hmac_key_pads(key)
     inner.update(inner_pad)
     outer.update(outer_pad)
     raw = inner.state_bytes() + outer.state_bytes()

@@ -147,6 +147,15 @@ def _serve(relay: Relay, settings: Settings, report: Callable[[str], None],
         return runner.run(_main(relay, settings, report, on_error))
 
 
+async def _reload(relay: Relay) -> None:
+    """SIGHUP: re-read what can change without a restart (the TLS certificate)."""
+    if relay.smtp is None or relay.smtp.tls is None:
+        log.info("SIGHUP: nothing to reload")
+        return
+    log.info("SIGHUP: reloading the TLS certificate")
+    await relay.smtp.reload_tls()
+
+
 async def _main(relay: Relay, settings: Settings, report: Callable[[str], None],
                 on_error: Callable[[str], None] | None) -> int:
     loop = asyncio.get_running_loop()
@@ -166,12 +175,20 @@ async def _main(relay: Relay, settings: Settings, report: Callable[[str], None],
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
+    reloads: set[asyncio.Task[None]] = set()
+
+    def hangup() -> None:
+        task = loop.create_task(_reload(relay))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, hangup)
     report(banner(relay, os.getpid()))
     if settings.log.close_stderr:
         _close_stderr(settings)
     await stop.wait()
     log.info("signal received: shutting down")
+    await asyncio.gather(*reloads, return_exceptions=True)
     await relay.stop()
     if pid_file:
         try:

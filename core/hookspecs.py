@@ -72,6 +72,16 @@ def on_auth(session: Session, mechanism: str, username: str, password: str | Non
 
 
 @hookspec
+def auth_mechanisms(session: Session) -> list[str] | None:
+    """Which SASL mechanisms (``PLAIN``, ``LOGIN``, ``CRAM-MD5``) to offer ``session`` now.
+
+    Asked at each EHLO (the ``AUTH`` line) and each AUTH command; ``session.tls`` and
+    ``session.is_loopback`` tell whether the channel counts as secure. The first plugin that
+    answers decides; when none does, the relay offers no AUTH at all.
+    """
+
+
+@hookspec
 def on_mail_from(session: Session, transaction: Transaction, address: str) -> Verdict | None:
     """MAIL FROM was received and parsed; ``address`` is ``""`` for the null reverse-path.
 
@@ -87,7 +97,20 @@ def on_rcpt_to(session: Session, transaction: Transaction, recipient: Recipient)
 
     :return: a rejecting verdict refuses this recipient only. A verdict that carries
         ``recipient=`` replaces it: rewrite the address, or mark it local with
-        ``Recipient.local(address, mailbox)`` (what E-MailRelay's address verifiers do).
+        ``Recipient.local(address, mailbox)`` (what E-MailRelay's address verifiers do). A
+        ``CONT`` verdict may carry one too (``Verdict.cont(recipient=...)``): the later plugins
+        still run, and still see the recipient as the client gave it (relay control judges that
+        address, not a verifier's rewrite); the last recipient carried is the one recorded.
+    """
+
+
+@hookspec
+def on_vrfy(session: Session, address: str) -> Verdict | None:
+    """The client sent VRFY with ``address`` (angle brackets removed; not otherwise parsed).
+
+    :return: a decisive verdict answers the VRFY with its reply (``250`` with the user's full
+        name, ``252`` for an address that would be accepted, ``550``/``450`` for one that would
+        not); ``None`` from every plugin answers ``252 2.5.2 Cannot verify the user``.
     """
 
 

@@ -1,9 +1,11 @@
-"""E-MailRelay's secrets file: the accounts for ``--client-auth`` (and, later, ``--server-auth``).
+"""E-MailRelay's secrets file: the accounts for ``--client-auth`` and ``--server-auth``.
 
 Each non-comment line has four fields: ``client|server TYPE NAME SECRET``. TYPE ``plain``
 takes NAME and SECRET in RFC 3461 xtext (``my+20secret``), ``plain:b`` in base64, ``md5`` a
-hashed secret usable for CRAM-MD5 only; ``server none ADDRESS KEYWORD`` marks trusted client
-addresses. Errors name the file and line.
+hashed secret from ``emailrelay-passwd`` (CRAM-MD5); ``server none ADDRESS KEYWORD`` marks
+trusted client addresses. Our extension for ``server`` lines: ``bcrypt``, ``argon2`` and
+``scrypt`` take a password hash (``relay passwd --type ...``) as SECRET, so no password needs to
+be on disk; the ``auth`` plugin checks their format. Errors name the file and line.
 """
 
 from __future__ import annotations
@@ -21,13 +23,19 @@ from .spool.envelope import xtext_decode
 @dataclass(frozen=True)
 class Secret:
     side: Literal["client", "server"]
-    kind: str           # "plain", "md5" or "none"
+    kind: str           # "plain", "md5", "none", or (server) one of SERVER_HASH_KINDS
     name: str           # the account name (decoded), or an address range for "none"
-    secret: str         # the password (decoded), an md5 hash, or a keyword for "none"
+    secret: str         # the password (decoded), a hash, or a keyword for "none"
     line: int
 
 
+#: Password-hash types accepted on ``server`` lines (not E-MailRelay's: ours).
+SERVER_HASH_KINDS = ("bcrypt", "argon2", "scrypt")
+
+
 def read_secrets(path: str | Path) -> list[Secret]:
+    """Every ``client`` and ``server`` line of the secrets file at ``path``, names and plain
+    secrets decoded; raises ConfigError naming the file and line."""
     path = Path(path)
     text = read_text_file(path, "secrets file")
     secrets = []
@@ -54,9 +62,11 @@ def read_secrets(path: str | Path) -> list[Secret]:
         elif kind in ("md5", "cram-md5", "apop") or (kind == "none" and side == "server"):
             if kind != "none":  # E-MailRelay's aliases for a hashed (emailrelay-passwd) secret
                 name, kind = xtext_decode(name), "md5"
+        elif kind in SERVER_HASH_KINDS and side == "server":
+            name = xtext_decode(name)
         else:
             raise ConfigError(f"{path}:{lineno}: unknown secret type {fields[1]!r} (plain, plain:b, md5"
-                              f"{', none' if side == 'server' else ''})")
+                              f"{', none, bcrypt, argon2, scrypt' if side == 'server' else ''})")
         secrets.append(Secret(side, kind, name, secret, lineno))  # type: ignore[arg-type]
     return secrets
 

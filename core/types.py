@@ -108,8 +108,8 @@ class Verdict:
         return cls(action, code, enhanced or _enhanced_for(code, d_enh), text or d_text, **kw)
 
     @classmethod
-    def cont(cls) -> "Verdict":
-        return cls._make(Action.CONT, None, None, None)
+    def cont(cls, *, recipient: Recipient | None = None) -> "Verdict":
+        return cls._make(Action.CONT, None, None, None, recipient=recipient)
 
     @classmethod
     def ok(cls, text: str | None = None, *, code: int | None = None, enhanced: str | None = None,
@@ -185,6 +185,7 @@ class Session:
     tls_cipher: str = ""
     client_certificate: str = ""
     auth_user: str = ""
+    auth_mechanism: str = ""      # PLAIN, LOGIN, CRAM-MD5 once authenticated
     notes: dict[str, Any] = field(default_factory=dict)
     transaction: Transaction | None = None
 

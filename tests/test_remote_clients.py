@@ -20,10 +20,13 @@ CLIENT = """
 import smtplib, sys
 try:
     with smtplib.SMTP(sys.argv[1], int(sys.argv[2]), timeout=10) as c:
-        c.sendmail("far@remote.test", ["b@example.test"], b"Subject: from afar\\r\\n\\r\\nhi\\r\\n")
+        c.sendmail("far@remote.test", [sys.argv[3]], b"Subject: from afar\\r\\n\\r\\nhi\\r\\n")
     print("sent")
 except smtplib.SMTPConnectError as e:
     print("refused", e.smtp_code, e.smtp_error.decode())
+except smtplib.SMTPRecipientsRefused as e:
+    code, text = next(iter(e.recipients.values()))
+    print("rejected", code, text.decode())
 """
 
 
@@ -54,8 +57,8 @@ def remote_host() -> Iterator[tuple[str, str, str]]:
         subprocess.run([ip, "netns", "del", ns], capture_output=True)
 
 
-def send_from(ns: str, host: str, port: int) -> str:
-    result = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, host, str(port)],
+def send_from(ns: str, host: str, port: int, recipient: str = "b@relay.test") -> str:
+    result = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, host, str(port), recipient],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
@@ -78,6 +81,15 @@ def test_remote_client_is_served_with_remote_clients(relay_process, remote_host)
     [message_id] = spool.ids()
     assert spool.read_envelope(message_id).client == peer_addr
     assert f"([{peer_addr}])".encode() in spool.read_content(message_id)
+
+
+def test_remote_clients_cannot_relay_by_default(relay_process, remote_host):
+    # --remote-clients brings relay control: an outsider may mail the local domain, nothing else.
+    ns, host_addr, _ = remote_host
+    relay = relay_process("--remote-clients", "--interface", host_addr, wait=False)
+    wait_for_port(relay.port, relay.proc, host=host_addr)
+    assert send_from(ns, host_addr, relay.port, "victim@elsewhere.test").startswith("rejected 550 5.7.1")
+    assert Spool(relay.spool).ids() == []
 
 
 def test_default_interface_is_loopback_only(relay_process, remote_host):

@@ -11,14 +11,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .loader import ConfigError, Sources, deep_merge, load_file
-from .settings import CORE_SECTIONS, Settings, build_settings
+from .settings import _YES, CORE_SECTIONS, Settings, build_settings
 
 SYSTEM_CONFIG = "/etc/mailrelay/relay.conf"
 
-# A configuration section that only one built-in plugin reads enables that plugin.
-SECTION_PLUGINS = {"filters": "filters", "dnsbl": "dnsbl"}
+# A configuration section that only one built-in plugin reads enables that plugin (in this order:
+# the address verifier runs before relay control, which trusts its "local").
+SECTION_PLUGINS = {"filters": "filters", "dnsbl": "dnsbl", "verifier": "verifier", "relay": "relay-control"}
+# Serving remote clients without relay control would make an open relay: they come together.
+REMOTE_CLIENTS_PLUGIN = "relay-control"
 
 __all__ = ["ConfigError", "Settings", "Sources", "find_config_file", "load_settings", "SYSTEM_CONFIG"]
+
+
+def _is_true(value: Any) -> bool:
+    """A raw boolean as validation will read it (``true``, ``"yes"``, ``"on"``...)."""
+    return value is True or (isinstance(value, str) and value.strip().lower() in _YES)
 
 
 def find_config_file(explicit: str | None) -> str | None:
@@ -55,6 +63,9 @@ def load_settings(config_file: str | None, overrides: dict[str, Any],
     names = [str(n) for n in plugin_names]
     names += [p for p in implied_plugins or [] if p not in names]
     names += [p for section, p in SECTION_PLUGINS.items() if raw.get(section) and p not in names]
+    smtp = raw.get("smtp") if isinstance(raw.get("smtp"), dict) else {}
+    if _is_true(smtp.get("remote_clients")) and REMOTE_CLIENTS_PLUGIN not in names:
+        names.append(REMOTE_CLIENTS_PLUGIN)
     schemas = enable_plugins(names)
     clash = set(schemas) & set(CORE_SECTIONS)
     if clash:

@@ -57,6 +57,28 @@ class SmtpSettings:
     shutdown_grace: float = 10.0  # seconds in-flight commands get to finish on SIGTERM
 
 
+TlsVersion = Literal["tlsv1.0", "tlsv1.1", "tlsv1.2", "tlsv1.3"]
+
+
+@dataclass
+class TlsSettings:
+    """Server-side TLS for SMTP (E-MailRelay's ``--server-tls...`` options and ``--tls-config``)."""
+
+    starttls: bool = False       # --server-tls: offer STARTTLS
+    connection: bool = False     # --server-tls-connection: the SMTP port speaks TLS from the first byte
+    required: bool = False       # --server-tls-required: only EHLO, STARTTLS, NOOP, QUIT before TLS
+    certificate: str = ""        # --server-tls-certificate: PEM chain, with the key unless `key` is set
+    key: str = ""                # the first of two --server-tls-certificate options
+    verify: str = ""             # --server-tls-verify: CA file or directory, or "<default>"
+    min_version: TlsVersion = "tlsv1.2"
+    max_version: Literal["", "tlsv1.0", "tlsv1.1", "tlsv1.2", "tlsv1.3"] = ""
+    config: list[str] = field(default_factory=list)  # --tls-config keywords (tlsv1.3, -tlsv1.2, ...)
+
+    @property
+    def enabled(self) -> bool:
+        return self.starttls or self.connection
+
+
 @dataclass
 class SpoolSettings:
     dir: str = field(default_factory=default_spool_dir)  # --spool-dir
@@ -119,6 +141,7 @@ class PluginsSettings:
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
     spool: SpoolSettings = field(default_factory=SpoolSettings)
     log: LogSettings = field(default_factory=LogSettings)
     client: ClientSettings = field(default_factory=ClientSettings)
@@ -266,3 +289,35 @@ def _check_cross_field(settings: Settings, sources: Sources) -> None:
         raise ConfigError(f"{sources.describe('smtp.size')}: {settings.smtp.size} is too small to hold "
                           "a message (0 means no limit)")
     settings.spool.dir = str(Path(settings.spool.dir).expanduser())
+    _check_tls(settings.tls, sources)
+
+
+def _check_tls(tls: TlsSettings, sources: Sources) -> None:
+    """E-MailRelay's rules for combining the --server-tls options."""
+    from ..tls import parse_tls_config  # local import: keeps ssl out of plain config loading
+    try:
+        for key, value in parse_tls_config(tls.config).items():
+            setattr(tls, key, value)
+    except ValueError as e:
+        raise ConfigError(f"{sources.describe('tls.config')}: {e}") from None
+    if tls.starttls and tls.connection:
+        raise ConfigError(f"{sources.describe('tls.connection')}: STARTTLS (--server-tls) and implicit TLS "
+                          "(--server-tls-connection) cannot be used together")
+    if tls.enabled and not tls.certificate:
+        raise ConfigError(f"{sources.describe('tls.certificate')}: TLS needs a certificate "
+                          "(--server-tls-certificate)")
+    for key in ("certificate", "key", "verify", "required"):
+        if getattr(tls, key) and not tls.enabled:
+            raise ConfigError(f"{sources.describe('tls.' + key)}: needs [tls] starttls or connection "
+                              "(--server-tls or --server-tls-connection)")
+    if tls.key and not tls.certificate:
+        raise ConfigError(f"{sources.describe('tls.key')}: needs [tls] certificate")
+    versions = list(get_args(TlsVersion))
+    if tls.max_version and versions.index(tls.max_version) < versions.index(tls.min_version):
+        raise ConfigError(f"{sources.describe('tls.max_version')}: {tls.max_version} is below min_version "
+                          f"{tls.min_version}")
+    # Absolute now: the daemon changes directory to "/", and SIGHUP re-reads these files.
+    for key in ("certificate", "key", "verify"):
+        value = getattr(tls, key)
+        if value and value != "<default>":
+            setattr(tls, key, os.path.abspath(os.path.expanduser(value)))

@@ -9,6 +9,7 @@ temporary-failure value, and stopping where the hook's semantics say.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import os
@@ -18,7 +19,7 @@ from typing import Any, Awaitable, Callable
 import pluggy
 
 from ..config.loader import ConfigError
-from ..types import Event, FilterAction, FilterResult, Verdict
+from ..types import Event, FilterAction, FilterResult, Recipient, Verdict
 from .manager import PluginHost
 
 log = logging.getLogger("mailrelay.plugins")
@@ -91,7 +92,14 @@ class HookCaller:
 
     # ---------------------------------------------------------------- semantics
     async def decide(self, hook: str, **kwargs: Any) -> Verdict:
-        """Decision hooks: the first decisive verdict wins; a plugin failure is a 4xx verdict."""
+        """Decision hooks: the first decisive verdict wins; a plugin failure is a 4xx verdict.
+
+        A ``CONT`` verdict may carry a ``recipient`` (``on_rcpt_to``: an address verifier's
+        rewrite): the last one carried goes into the result unless the deciding verdict names its
+        own, so a rewrite does not stop the plugins after it. Every plugin is still asked about
+        the recipient the client gave.
+        """
+        carried: Recipient | None = None
         for impl in self.impls(hook):
             try:
                 result = await self._call_one(impl, hook, kwargs)
@@ -106,8 +114,12 @@ class HookCaller:
                 return Verdict.deny_soft(TEMPFAIL_TEXT, code=451, enhanced="4.3.0",
                                          reason=f"plugin {impl.plugin_name} returned {result!r}")
             if result.decisive:
+                if carried is not None and result.recipient is None and result.accepted:
+                    return dataclasses.replace(result, recipient=carried)
                 return result
-        return Verdict.cont()
+            if result.recipient is not None:
+                carried = result.recipient
+        return Verdict.cont(recipient=carried)
 
     async def filter_chain(self, message: Any, stage: str,
                            apply_edit: Callable[[bytes], Awaitable[None]] | None = None) -> FilterResult:

@@ -3,7 +3,9 @@
 aiosmtpd provides the connection, the command loop, STARTTLS and AUTH plumbing. This subclass
 replaces the commands whose behaviour a relay must control: EHLO (PIPELINING, ENHANCEDSTATUSCODES),
 MAIL (null reverse-path, SIZE, BODY, SMTPUTF8), RCPT (100-recipient limit) and DATA (a reader
-that only ever ends at CRLF.CRLF, enforces SIZE and the 1000-octet line limit, and is fast).
+that only ever ends at CRLF.CRLF, enforces SIZE and the 1000-octet line limit, and is fast) and
+STARTTLS (``loop.start_tls``, so uvloop does the TLS when it runs the loop; anything the client
+sent after STARTTLS in clear text is discarded, and the session starts over as RFC 3207 4.2 says).
 Every decision is delegated to :class:`~mailrelay.smtp.reception.Reception`.
 """
 
@@ -13,12 +15,15 @@ import asyncio
 import collections
 import logging
 import re
+import ssl
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiosmtpd.smtp import SMTP
 
+from ..tls import peer_subject
 from ..types import Action, Recipient, Session, Transaction, Verdict
 from .addresses import AddressError, parse_command_path
+from .auth import SmtpAuth
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config.settings import SmtpSettings
@@ -35,13 +40,16 @@ DATA_END = b"\r\n.\r\n"
 READ_CHUNK = 65536
 _HELO_ARGUMENT = re.compile(r"[^\x00-\x20\x7f]{1,255}")
 SHUTDOWN_REPLY = "421 4.3.2 Service shutting down, try again later"
+ALLOWED_BEFORE_TLS = {"EHLO", "STARTTLS", "NOOP", "QUIT"}  # RFC 3207 4, with --server-tls-required
+TLS_HANDSHAKE_TIMEOUT = 30.0
+TLS_SHUTDOWN_TIMEOUT = 2.0  # a client that never answers our close_notify must not hold up a shutdown
 
 
 class _NoHandler:
     """aiosmtpd wants a handler object; every command it would pass on is overridden here."""
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(SmtpAuth, SMTP):
     """One client connection."""
 
     def __init__(self, reception: Reception, settings: SmtpSettings, server: SmtpServer, *,
@@ -53,7 +61,7 @@ class RelaySMTP(SMTP):
             hostname=hostname,
             ident="ESMTP mailrelay",
             timeout=settings.idle_timeout,
-            auth_exclude_mechanism=["LOGIN", "PLAIN"],  # AUTH arrives with the security plugins
+            auth_require_tls=False,  # what is offered before TLS is the auth plugins' decision (auth.py)
             loop=asyncio.get_running_loop(),
             **kwargs,
         )
@@ -66,13 +74,14 @@ class RelaySMTP(SMTP):
             lambda: COMMAND_LINE_LIMIT,
             {"MAIL": COMMAND_LINE_LIMIT + MAIL_EXTENSION_ALLOWANCE,
              "RCPT": COMMAND_LINE_LIMIT + MAIL_EXTENSION_ALLOWANCE, "AUTH": AUTH_LINE_LIMIT})
-        self._smtp_methods = {name: self._tracked(method) for name, method in self._smtp_methods.items()}
+        self._smtp_methods = {name: self._tracked(method, name) for name, method in self._smtp_methods.items()}
         self.relay_session: Session | None = None
         self.transaction: Transaction | None = None
         self.messages_accepted = 0
         self._busy = False
         self._closing = False
         self._greeted = False
+        self._lost = False
 
     # ---------------------------------------------------------------- connection lifecycle
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -86,9 +95,16 @@ class RelaySMTP(SMTP):
             self.relay_session = Session(peer_ip=str(peer[0]), peer_port=int(peer[1] or 0),
                                          local_ip=str(sock[0]) if isinstance(sock, tuple) else "",
                                          local_port=int(sock[1]) if isinstance(sock, tuple) else 0)
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:  # an implicit-TLS listener: the loop did the handshake
+                self._tls_established(transport, ssl_object)
             self.server.session_started(self)
 
     def connection_lost(self, error: Exception | None) -> None:
+        # Once only: after a failed TLS handshake both we and the TLS layer may report the loss.
+        if self._lost:
+            return
+        self._lost = True
         self.server.session_ended(self)
         super().connection_lost(error)
 
@@ -118,8 +134,12 @@ class RelaySMTP(SMTP):
                 return
         await super().push(status)
 
-    def _tracked(self, method: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+    def _tracked(self, method: Callable[[Any], Awaitable[None]], command: str
+                 ) -> Callable[[Any], Awaitable[None]]:
         async def run(arg: Any) -> None:
+            if self._needs_tls_first(command):
+                await self.push("530 5.7.0 Must issue a STARTTLS command first")
+                return
             self._busy = True
             try:
                 await method(arg)
@@ -203,10 +223,10 @@ class RelaySMTP(SMTP):
         if self.settings.smtputf8:
             lines.append("SMTPUTF8")
         lines.append("ENHANCEDSTATUSCODES")
-        if self.tls_context and not self._tls_protocol:
+        if self._starttls_offered:
             lines.append("STARTTLS")
-        mechanisms = sorted(self._auth_methods)
-        if mechanisms and (not self._auth_require_tls or self._tls_protocol):
+        mechanisms = await self.offered_mechanisms()
+        if mechanisms:
             lines.append("AUTH " + " ".join(mechanisms))
         lines.append("HELP")
         await self.push("\r\n".join(f"250{'-' if i < len(lines) - 1 else ' '}{line}"
@@ -217,6 +237,79 @@ class RelaySMTP(SMTP):
             await self.push("503 5.5.1 Send HELO or EHLO first")
             return True
         return False
+
+    # ---------------------------------------------------------------- TLS
+    @property
+    def _starttls_offered(self) -> bool:
+        tls = self.server.tls
+        return tls is not None and tls.starttls and not (self.relay_session and self.relay_session.tls)
+
+    def _needs_tls_first(self, command: str) -> bool:
+        # --server-tls-required, loopback clients included: RFC 3207 4's short list before TLS.
+        tls = self.server.tls
+        return (tls is not None and tls.settings.required and command not in ALLOWED_BEFORE_TLS
+                and not (self.relay_session and self.relay_session.tls))
+
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+        elif self.relay_session is not None and self.relay_session.tls:
+            await self.push("503 5.5.1 TLS is already active")
+        elif not self._starttls_offered:
+            await self.push("454 4.7.0 TLS not available")
+        else:
+            # No drain between the reply and start_tls(): it stops reading from the socket before
+            # the loop runs again, so the client's handshake cannot land in the command buffer.
+            self._writer.write(b"220 2.0.0 Ready to start TLS\r\n")
+            await self._start_tls()
+
+    async def _start_tls(self) -> None:
+        """STARTTLS handshake; on failure the connection is closed."""
+        tls, session, plain = self.server.tls, self.relay_session, self.transport
+        assert tls is not None and session is not None and plain is not None
+        # Clear text the client sent after STARTTLS is discarded (the command injection known
+        # from CVE-2011-0411). Now, not after the handshake: by then the buffer may already hold
+        # the client's first command over TLS.
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        transport: asyncio.BaseTransport | None = None
+        problem: object = "connection closed during the handshake"
+        try:
+            transport = await self.loop.start_tls(plain, self, tls.context, server_side=True,
+                                                  ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+                                                  ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
+        except (OSError, EOFError, asyncio.TimeoutError) as e:  # ssl.SSLError is an OSError
+            problem = e
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if transport is None or ssl_object is None or transport.is_closing():
+            log.info("session=%s client=%s TLS handshake failed: %s", session.id, session.peer_ip, problem)
+            plain.close()
+            self.connection_lost(None)
+            return
+        # aiosmtpd's streams write to and pause the TLS transport from now on.
+        self.transport = self._transport = self._reader._transport = self._writer._transport = transport  # type: ignore[attr-defined]
+        self._over_ssl = True
+        self._tls_established(transport, ssl_object)
+
+    def _tls_established(self, transport: asyncio.BaseTransport, ssl_object: ssl.SSLObject) -> None:
+        """The session starts over (RFC 3207 4.2): no HELO, transaction or AUTH survive, and the
+        session records the cipher and the client's certificate (PEM, as E-MailRelay keeps it)."""
+        session = self.relay_session
+        assert session is not None
+        self._tls_protocol = transport  # type: ignore[assignment]  # aiosmtpd (AUTH) asks only if set
+        self._set_rset_state()
+        peer, self.session = self.session.peer, self._create_session()
+        self.session.peer = peer
+        self.session.ssl = {"ssl_object": ssl_object, "cipher": ssl_object.cipher(),
+                            "peercert": ssl_object.getpeercert()}
+        self.transaction = None
+        session.helo, session.esmtp, session.auth_user, session.auth_mechanism = "", False, "", ""
+        session.tls, session.tls_cipher = True, (ssl_object.cipher() or ("",))[0]
+        der = ssl_object.getpeercert(binary_form=True)
+        session.client_certificate = ssl.DER_cert_to_PEM_cert(der) if der else ""
+        self._reset_timeout()
+        log.info("session=%s client=%s TLS %s cipher=%s%s", session.id, session.peer_ip,
+                 ssl_object.version(), session.tls_cipher,
+                 f" client-certificate={peer_subject(ssl_object.getpeercert())!r}" if der else "")
 
     # ---------------------------------------------------------------- transaction commands
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -306,7 +399,21 @@ class RelaySMTP(SMTP):
         await self.push("250 2.0.0 OK")
 
     async def smtp_VRFY(self, arg: str | None) -> None:
-        await self.push("252 2.5.2 Cannot verify the user, but will accept the message")
+        address = (arg or "").strip()
+        if address[-9:].upper() == " SMTPUTF8":  # RFC 6531 3.7.4.2
+            address = address[:-9].rstrip()
+        if address.startswith("<") and address.endswith(">"):
+            address = address[1:-1]
+        if not address or any(ord(c) < 0x20 or ord(c) == 0x7F for c in address):
+            await self.push("501 5.5.4 Syntax: VRFY <address>")
+            return
+        verdict = await self.reception.vrfy(self.relay_session, address)  # type: ignore[arg-type]
+        if not verdict.decisive:
+            await self.push("252 2.5.2 Cannot verify the user, but will accept the message")
+            return
+        await self.push(verdict.reply())
+        if verdict.action is Action.DISCONNECT:
+            self._close()
 
     async def smtp_QUIT(self, arg: str | None) -> None:
         if arg:

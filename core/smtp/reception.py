@@ -12,6 +12,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..message import Message
+from ..plugin_host import PluginFailure
 from ..spool import Envelope, SpoolError
 from ..types import Action, Event, FilterAction, Recipient, Session, Transaction, Verdict
 from .received import count_hops, received_header
@@ -43,8 +44,27 @@ class Reception:
             return REMOTE_REFUSED
         return await self.hooks.decide("on_connect", session=session)
 
+    async def auth_mechanisms(self, session: Session) -> list[str]:
+        try:
+            offered = await self.hooks.first("auth_mechanisms", session=session)
+        except PluginFailure as e:
+            log.error("%s; offering no AUTH", e)
+            return []
+        return list(offered or [])
+
+    async def auth(self, session: Session, mechanism: str, username: str, password: str | None,
+                   challenge: str | None, response: str | None) -> Verdict:
+        verdict = await self.hooks.decide("on_auth", session=session, mechanism=mechanism, username=username,
+                                          password=password, challenge=challenge, response=response)
+        self._event("auth.succeeded" if verdict.action is Action.OK else "auth.failed", session, "",
+                    mechanism=mechanism, username=username)
+        return verdict
+
     async def helo(self, session: Session, hostname: str) -> Verdict:
         return await self.hooks.decide("on_helo", session=session, hostname=hostname)
+
+    async def vrfy(self, session: Session, address: str) -> Verdict:
+        return await self.hooks.decide("on_vrfy", session=session, address=address)
 
     async def mail_from(self, session: Session, transaction: Transaction) -> Verdict:
         verdict = await self.hooks.decide("on_mail_from", session=session, transaction=transaction,

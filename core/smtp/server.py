@@ -1,5 +1,8 @@
 """The SMTP listener: serves bound sockets, tracks sessions, and shuts down gracefully.
 
+With ``[tls]`` on, the server holds the TLS context (:class:`~mailrelay.tls.ServerTls`) that each
+session's handshake uses; :meth:`SmtpServer.reload_tls` (SIGHUP) swaps in a fresh one.
+
 On shutdown no new connection is accepted; idle sessions get ``421`` at once; a session in the
 middle of a command (DATA being committed, say) finishes it, gets its reply, then ``421``. What is
 still open after the grace period is dropped: nothing it sent was acknowledged, so nothing is lost.
@@ -13,10 +16,11 @@ import socket
 from typing import TYPE_CHECKING, Callable
 
 from ..net import LISTEN_BACKLOG
-from .protocol import RelaySMTP
+from ..tls import ServerTls
+from .protocol import TLS_HANDSHAKE_TIMEOUT, TLS_SHUTDOWN_TIMEOUT, RelaySMTP
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..config.settings import SmtpSettings
+    from ..config.settings import SmtpSettings, TlsSettings
     from .reception import Reception
 
 log = logging.getLogger("mailrelay.smtp")
@@ -24,9 +28,12 @@ log = logging.getLogger("mailrelay.smtp")
 
 class SmtpServer:
     def __init__(self, reception: Reception, settings: SmtpSettings, hostname: str,
-                 sockets: list[socket.socket], on_disconnect: Callable[[int], None] | None = None):
+                 sockets: list[socket.socket], on_disconnect: Callable[[int], None] | None = None,
+                 tls_settings: TlsSettings | None = None):
         self.reception = reception
         self.settings = settings
+        self.tls_settings = tls_settings or reception.relay.settings.tls
+        self.tls: ServerTls | None = None
         self.hostname = hostname
         self.sockets = sockets
         self.on_disconnect = on_disconnect
@@ -39,9 +46,29 @@ class SmtpServer:
         return RelaySMTP(self.reception, self.settings, self, hostname=self.hostname)
 
     async def start(self) -> None:
+        """Load the TLS certificate (a :class:`~mailrelay.tls.TlsError` if unusable), then serve."""
+        if self.tls_settings.enabled:
+            self.tls = await ServerTls.load(self.tls_settings)
         loop = asyncio.get_running_loop()
+        # --server-tls-connection: the loop does the handshake before the session starts.
+        implicit = self.tls.listener_context() if self.tls is not None and self.tls.implicit else None
         for sock in self.sockets:
-            self._servers.append(await loop.create_server(self._protocol, sock=sock, backlog=LISTEN_BACKLOG))
+            self._servers.append(await loop.create_server(
+                self._protocol, sock=sock, backlog=LISTEN_BACKLOG, ssl=implicit,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit else None,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT if implicit else None))
+
+    async def reload_tls(self) -> bool:
+        """Re-read the TLS certificate for new connections; False (and an error logged) if the
+        files are unusable, in which case the current certificate stays."""
+        if self.tls is None:
+            return False
+        try:
+            await self.tls.reload()
+        except (ValueError, OSError) as e:  # TlsError, or a file that vanished while being read
+            log.error("TLS certificate not reloaded, the current one stays in use: %s", e)
+            return False
+        return True
 
     def session_started(self, protocol: RelaySMTP) -> None:
         self.sessions.add(protocol)
