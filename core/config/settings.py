@@ -7,6 +7,7 @@ Each core section of ``relay.conf`` is a dataclass here; plugins declare theirs 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import socket
 import types
@@ -33,6 +34,8 @@ class ServerSettings:
     daemon: bool = True          # --no-daemon sets false
     pid_file: str = ""           # --pid-file
     workers: int = 1             # reserved for SO_REUSEPORT scale-out
+    proxy_protocol: bool = False  # SMTP connections start with a PROXY v1/v2 header (HAProxy send-proxy)
+    trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.1", "::1"])  # who may send one
 
     def effective_domain(self) -> str:
         return self.domain or socket.getfqdn()
@@ -48,6 +51,10 @@ class SmtpSettings:
     remote_clients: bool = False  # --remote-clients
     size: int = 52_428_800       # --size in octets; 0 = no limit
     idle_timeout: float = 300.0  # --idle-timeout; RFC 5321 4.5.3.2.7: at least 5 minutes
+    command_timeout: float = 60.0  # a command line must be complete this long after its first octet
+    min_data_rate: int = 500     # DATA gets command_timeout plus 1 s per this many octets; 0 = no limit
+    max_connections: int = 1000  # sessions at once; 0 = no limit
+    max_connections_per_client: int = 50  # sessions at once from one client address; 0 = no limit
     max_recipients: int = 100    # RFC 5321 4.5.3.1.8: at least 100 must be accepted
     max_hops: int = 100          # more Received: headers than this is a mail loop
     pipelining: bool = True      # --server-smtp-config keywords
@@ -159,7 +166,9 @@ CORE_SECTIONS: dict[str, type] = {f.name: f.default_factory().__class__  # type:
 
 _RANGES: dict[str, tuple[float, float]] = {
     "smtp.port": (0, 65535), "smtp.size": (0, 2**40), "smtp.idle_timeout": (1, 86400),
-    "smtp.max_recipients": (1, 100000), "smtp.max_hops": (1, 1000), "smtp.shutdown_grace": (0, 3600),
+    "smtp.max_recipients": (1, 100000),
+    "smtp.command_timeout": (1, 86400), "smtp.min_data_rate": (0, 2**30), "smtp.max_connections": (0, 10**6),
+    "smtp.max_connections_per_client": (0, 10**6), "smtp.max_hops": (1, 1000), "smtp.shutdown_grace": (0, 3600),
     "server.workers": (1, 256), "client.prompt_timeout": (0, 3600), "dns.timeout": (0.1, 300),
     "dns.attempts": (1, 10), "plugins.hook_timeout": (0.1, 3600), "log.verbose": (0, 5),
     "queue.concurrency": (1, 10000), "queue.poll": (-1, 86400 * 7), "queue.rescan": (0, 86400 * 7),
@@ -290,6 +299,20 @@ def _check_cross_field(settings: Settings, sources: Sources) -> None:
                           "a message (0 means no limit)")
     settings.spool.dir = str(Path(settings.spool.dir).expanduser())
     _check_tls(settings.tls, sources)
+    _check_proxy(settings, sources)
+
+
+def _check_proxy(settings: Settings, sources: Sources) -> None:
+    """``trusted_proxies`` are addresses or networks; the PROXY header comes before any TLS."""
+    for entry in settings.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError(f"{sources.describe('server.trusted_proxies')}: {entry!r} is not an "
+                              "address or network") from None
+    if settings.server.proxy_protocol and settings.tls.connection:
+        raise ConfigError(f"{sources.describe('server.proxy_protocol')}: the PROXY protocol cannot be used "
+                          "with implicit TLS (--server-tls-connection); use STARTTLS")
 
 
 def _check_tls(tls: TlsSettings, sources: Sources) -> None:

@@ -6,6 +6,11 @@ MAIL (null reverse-path, SIZE, BODY, SMTPUTF8), RCPT (100-recipient limit) and D
 that only ever ends at CRLF.CRLF, enforces SIZE and the 1000-octet line limit, and is fast) and
 STARTTLS (``loop.start_tls``, so uvloop does the TLS when it runs the loop; anything the client
 sent after STARTTLS in clear text is discarded, and the session starts over as RFC 3207 4.2 says).
+Slow clients are bounded (slowloris): besides the idle timeout, a command line must be complete
+``[smtp] command_timeout`` seconds after its first octet, and DATA gets that long plus one second
+per ``min_data_rate`` octets; either overrun is ``421 4.4.2`` and the end of the connection.
+With ``[server] proxy_protocol`` the connection starts with a PROXY header from a trusted proxy,
+and the session's address is the client's that the header names.
 Every decision is delegated to :class:`~mailrelay.smtp.reception.Reception`.
 """
 
@@ -18,6 +23,7 @@ import re
 import ssl
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+from aiosmtpd.proxy_protocol import AF, V2_CMD, ProxyData
 from aiosmtpd.smtp import SMTP
 
 from ..tls import peer_subject
@@ -43,6 +49,10 @@ SHUTDOWN_REPLY = "421 4.3.2 Service shutting down, try again later"
 ALLOWED_BEFORE_TLS = {"EHLO", "STARTTLS", "NOOP", "QUIT"}  # RFC 3207 4, with --server-tls-required
 TLS_HANDSHAKE_TIMEOUT = 30.0
 TLS_SHUTDOWN_TIMEOUT = 2.0  # a client that never answers our close_notify must not hold up a shutdown
+PROXY_HEADER_TIMEOUT = 10.0  # the proxy sends its header at once
+COMMAND_TOO_SLOW = "421 4.4.2 Command not completed in time, closing connection"
+DATA_TOO_SLOW = "421 4.4.2 Message data arriving too slowly, closing connection"
+UNTRUSTED_PROXY = "421 4.7.0 Connections are accepted only through a trusted proxy"
 
 
 class _NoHandler:
@@ -61,6 +71,7 @@ class RelaySMTP(SmtpAuth, SMTP):
             hostname=hostname,
             ident="ESMTP mailrelay",
             timeout=settings.idle_timeout,
+            proxy_protocol_timeout=PROXY_HEADER_TIMEOUT if server.proxy_protocol else None,
             auth_require_tls=False,  # what is offered before TLS is the auth plugins' decision (auth.py)
             loop=asyncio.get_running_loop(),
             **kwargs,
@@ -82,6 +93,11 @@ class RelaySMTP(SmtpAuth, SMTP):
         self._closing = False
         self._greeted = False
         self._lost = False
+        self._refused = False
+        self._reading_data = False
+        self._command_deadline: asyncio.TimerHandle | None = None
+        self.counted_as: str | None = None  # the address the server counts this session under
+        self._handle_hooks["PROXY"] = self._proxy_header
 
     # ---------------------------------------------------------------- connection lifecycle
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -98,13 +114,22 @@ class RelaySMTP(SmtpAuth, SMTP):
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None:  # an implicit-TLS listener: the loop did the handshake
                 self._tls_established(transport, ssl_object)
-            self.server.session_started(self)
+            refusal = self.server.session_started(self)
+            if refusal is None and self.server.proxy_protocol and not self.server.trusts_proxy(str(peer[0])):
+                log.warning("session=%s client=%s refused: not a trusted proxy (trusted_proxies)",
+                            self.relay_session.id, self.relay_session.peer_ip)
+                refusal = UNTRUSTED_PROXY
+            if refusal is not None:
+                self._refused = True
+                transport.write(refusal.encode() + b"\r\n")  # type: ignore[attr-defined]
+                transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
         # Once only: after a failed TLS handshake both we and the TLS layer may report the loss.
         if self._lost:
             return
         self._lost = True
+        self._stop_command_deadline()
         self.server.session_ended(self)
         super().connection_lost(error)
 
@@ -114,17 +139,71 @@ class RelaySMTP(SmtpAuth, SMTP):
         # the command reader's default separator CRLF (DATA already asks for CRLF explicitly).
         plain_readuntil = reader.readuntil
 
-        def readuntil(separator: bytes = b"\r\n") -> Awaitable[bytes]:
-            return plain_readuntil(separator)
+        async def readuntil(separator: bytes = b"\r\n") -> bytes:
+            if reader._buffer and self._command_deadline is None:  # type: ignore[attr-defined]
+                self._start_command_deadline()  # a partial line left over from a pipelined batch
+            line = await plain_readuntil(separator)
+            self._stop_command_deadline()
+            if reader._buffer:  # type: ignore[attr-defined]
+                self._start_command_deadline()  # the next line has begun
+            return line
 
         reader.readuntil = readuntil  # type: ignore[method-assign]
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._command_deadline is None and not self._reading_data:
+            self._start_command_deadline()
+
+    def _start_command_deadline(self) -> None:
+        self._command_deadline = self.loop.call_later(self.settings.command_timeout, self._command_overdue)
+
+    def _stop_command_deadline(self) -> None:
+        if self._command_deadline is not None:
+            self._command_deadline.cancel()
+            self._command_deadline = None
+
+    def _command_overdue(self) -> None:
+        self._command_deadline = None
+        buffered = self._reader._buffer  # type: ignore[attr-defined]
+        if self._reading_data or not buffered or b"\r\n" in buffered:
+            return  # a whole line is waiting for us, not the client for its end
+        if self.transport is not None and not self.transport.is_closing():
+            session = self.relay_session
+            log.info("session=%s client=%s dropped: command line incomplete after %gs (command_timeout)",
+                     session.id if session else "-", session.peer_ip if session else "-",
+                     self.settings.command_timeout)
+            self._writer.write(COMMAND_TOO_SLOW.encode() + b"\r\n")
+            self._close()
+
+    async def _proxy_header(self, server: Any, session: Any, envelope: Any, proxy: ProxyData) -> bool:
+        """aiosmtpd's PROXY hook: a valid header from a trusted proxy names the real client."""
+        relay_session = self.relay_session
+        assert relay_session is not None
+        if proxy.command == V2_CMD.LOCAL or proxy.family not in (AF.INET, AF.INET6) or proxy.src_addr is None:
+            # A health check (v2 LOCAL) or "PROXY UNKNOWN": the connection is the proxy's own.
+            log.info("session=%s proxy=%s no client address in the PROXY header", relay_session.id,
+                     relay_session.peer_ip)
+            return True
+        proxy_ip = relay_session.peer_ip
+        relay_session.peer_ip, relay_session.peer_port = str(proxy.src_addr), int(proxy.src_port or 0)
+        relay_session.local_ip, relay_session.local_port = str(proxy.dst_addr), int(proxy.dst_port or 0)
+        log.info("session=%s client=%s port=%d proxy=%s PROXY v%s", relay_session.id, relay_session.peer_ip,
+                 relay_session.peer_port, proxy_ip, proxy.version)
+        return True
+
     async def push(self, status: Any) -> None:
-        # The first reply is the 220 greeting; on_connect runs just before it. That is after
-        # aiosmtpd has read any PROXY header, so the address from it can be put in the session
-        # here once PROXY listeners exist (the scale-out issue).
+        # The first reply is the 220 greeting; on_connect runs just before it, after aiosmtpd has
+        # read any PROXY header (_proxy_header), so limits and plugins see the real client.
         if not self._greeted:
             self._greeted = True
+            if self._refused:
+                return
+            refusal = self.server.client_identified(self)
+            if refusal is not None:
+                await super().push(refusal)
+                self._close()
+                return
             verdict = await self.reception.connect(self.relay_session)  # type: ignore[arg-type]
             if not verdict.accepted:
                 code = verdict.code if verdict.action is Action.DENY else 421
@@ -436,10 +515,16 @@ class RelaySMTP(SmtpAuth, SMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        body, problem = await self._read_data()
+        self._reading_data = True  # the command-line deadline does not apply to message data
+        try:
+            body, problem = await self._read_data()
+        finally:
+            self._reading_data = False
         self.transaction = None
         if body is None:
             await self.push(problem)
+            if problem == DATA_TOO_SLOW:
+                self._close()
             return
         reply = await self.reception.data(self.relay_session, transaction, body)  # type: ignore[arg-type]
         self.messages_accepted += reply.startswith("250")
@@ -451,8 +536,11 @@ class RelaySMTP(SmtpAuth, SMTP):
         Only the exact sequence CRLF "." CRLF ends the data (so ``\\n.\\n``, ``\\r.\\r`` and mixed
         forms are content, and SMTP smuggling cannot split one message into two). An over-size
         or over-long message is read to its end and discarded before the error reply, as
-        RFC 5321 4.2.5 implies.
+        RFC 5321 4.2.5 implies. Data that falls behind ``min_data_rate`` (after a first
+        ``command_timeout`` of grace) is :data:`DATA_TOO_SLOW`, and the connection must end.
         """
+        rate = self.settings.min_data_rate
+        start = self.loop.time() + self.settings.command_timeout
         reader = self._reader
         limit = self.settings.size
         buf = bytearray(b"\r\n")  # the CRLF that ended the DATA command, so "." on line one ends too
@@ -463,7 +551,14 @@ class RelaySMTP(SmtpAuth, SMTP):
             end = buf.find(DATA_END, scan_from)
             if end >= 0:
                 break
-            chunk = await reader.read(READ_CHUNK)
+            try:
+                async with asyncio.timeout_at(start + received / rate if rate else None):
+                    chunk = await reader.read(READ_CHUNK)
+            except TimeoutError:
+                log.info("session=%s client=%s dropped: DATA slower than %d octets/s (min_data_rate)",
+                         self.relay_session.id if self.relay_session else "-",
+                         self.relay_session.peer_ip if self.relay_session else "-", rate)
+                return None, DATA_TOO_SLOW
             if not chunk:
                 raise ConnectionResetError("connection closed during DATA")
             received += len(chunk)

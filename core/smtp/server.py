@@ -6,14 +6,20 @@ session's handshake uses; :meth:`SmtpServer.reload_tls` (SIGHUP) swaps in a fres
 On shutdown no new connection is accepted; idle sessions get ``421`` at once; a session in the
 middle of a command (DATA being committed, say) finishes it, gets its reply, then ``421``. What is
 still open after the grace period is dropped: nothing it sent was acknowledged, so nothing is lost.
+
+Connection limits live here because the server is what counts sessions: ``[smtp] max_connections``
+is checked as a connection is accepted, ``max_connections_per_client`` once the client's address
+is known (after any PROXY header), and either answers ``421 4.7.0`` and closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import ipaddress
 import logging
 import socket
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Union
 
 from ..net import LISTEN_BACKLOG
 from ..tls import ServerTls
@@ -24,6 +30,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .reception import Reception
 
 log = logging.getLogger("mailrelay.smtp")
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
+TOO_MANY_FROM_CLIENT = "421 4.7.0 Too many connections from your address, try again later"
 
 
 class SmtpServer:
@@ -38,6 +48,11 @@ class SmtpServer:
         self.sockets = sockets
         self.on_disconnect = on_disconnect
         self.sessions: set[RelaySMTP] = set()
+        self.per_client: collections.Counter[str] = collections.Counter()
+        server = reception.relay.settings.server
+        self.proxy_protocol = server.proxy_protocol
+        self.trusted_proxies: list[Network] = [ipaddress.ip_network(n, strict=False)
+                                               for n in server.trusted_proxies]
         self._servers: list[asyncio.base_events.Server] = []
         self._idle = asyncio.Event()
         self._idle.set()
@@ -70,12 +85,49 @@ class SmtpServer:
             return False
         return True
 
-    def session_started(self, protocol: RelaySMTP) -> None:
+    def session_started(self, protocol: RelaySMTP) -> str | None:
+        """Count a new connection; the reply that refuses it when over ``max_connections``."""
         self.sessions.add(protocol)
         self._idle.clear()
+        limit = self.settings.max_connections
+        if limit and len(self.sessions) > limit:
+            log.warning("client=%s refused: %d connections, the limit is %d (max_connections)",
+                        protocol.relay_session.peer_ip if protocol.relay_session else "-",
+                        len(self.sessions) - 1, limit)
+            return TOO_MANY_CONNECTIONS
+        return None
+
+    def trusts_proxy(self, peer_ip: str) -> bool:
+        """Whether a PROXY header from ``peer_ip`` (the TCP peer) is believed."""
+        try:
+            address = ipaddress.ip_address(peer_ip.split("%")[0])
+        except ValueError:  # a Unix socket: only local processes can connect
+            return True
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # a dual-stack listener
+        return any(address in network for network in self.trusted_proxies)
+
+    def client_identified(self, protocol: RelaySMTP) -> str | None:
+        """The client's address is final (after any PROXY header): count it; the reply that
+        refuses the session when over ``max_connections_per_client``."""
+        assert protocol.relay_session is not None
+        address = protocol.relay_session.peer_ip
+        protocol.counted_as = address
+        self.per_client[address] += 1
+        limit = self.settings.max_connections_per_client
+        if limit and self.per_client[address] > limit:
+            log.warning("session=%s client=%s refused: %d connections from this address, the limit is %d "
+                        "(max_connections_per_client)", protocol.relay_session.id, address,
+                        self.per_client[address] - 1, limit)
+            return TOO_MANY_FROM_CLIENT
+        return None
 
     def session_ended(self, protocol: RelaySMTP) -> None:
         self.sessions.discard(protocol)
+        if protocol.counted_as is not None:
+            self.per_client[protocol.counted_as] -= 1
+            if self.per_client[protocol.counted_as] <= 0:
+                del self.per_client[protocol.counted_as]  # the counter stays as small as the sessions
         if self.on_disconnect is not None:
             self.on_disconnect(protocol.messages_accepted)
         if not self.sessions:
