@@ -2,10 +2,9 @@
 
 aiosmtpd provides the connection, the command loop, STARTTLS and AUTH plumbing. This subclass
 replaces the commands whose behaviour a relay must control: EHLO (PIPELINING, ENHANCEDSTATUSCODES),
-MAIL (null reverse-path, SIZE, BODY, SMTPUTF8), RCPT (100-recipient limit) and DATA (a reader
-that only ever ends at CRLF.CRLF, enforces SIZE and the 1000-octet line limit, and is fast) and
-STARTTLS (``loop.start_tls``, so uvloop does the TLS when it runs the loop; anything the client
-sent after STARTTLS in clear text is discarded, and the session starts over as RFC 3207 4.2 says).
+MAIL (null reverse-path, SIZE, BODY, SMTPUTF8), RCPT (100-recipient limit) and DATA (a reader that
+only ever ends at CRLF.CRLF, enforces SIZE and the 1000-octet line limit, and is fast: data.py);
+STARTTLS is in starttls.py and AUTH in auth.py, each a mixin of :class:`RelaySMTP`.
 Slow clients are bounded (slowloris): besides the idle timeout, a command line must be complete
 ``[smtp] command_timeout`` seconds after its first octet, and DATA gets that long plus one second
 per ``min_data_rate`` octets; either overrun is ``421 4.4.2`` and the end of the connection.
@@ -20,16 +19,16 @@ import asyncio
 import collections
 import logging
 import re
-import ssl
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiosmtpd.proxy_protocol import AF, V2_CMD, ProxyData
 from aiosmtpd.smtp import SMTP
 
-from ..tls import peer_subject
 from ..types import Action, Recipient, Session, Transaction, Verdict
 from .addresses import AddressError, parse_command_path
 from .auth import SmtpAuth
+from .data import DATA_TOO_SLOW, DataReader
+from .starttls import SmtpTls
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config.settings import SmtpSettings
@@ -39,19 +38,12 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("mailrelay.smtp")
 
 COMMAND_LINE_LIMIT = 510      # RFC 5321 4.5.3.1.4: 512 octets including CRLF
-TEXT_LINE_LIMIT = 998         # RFC 5321 4.5.3.1.6: 1000 octets including CRLF
 MAIL_EXTENSION_ALLOWANCE = 26 + 10 + 14 + 500  # SIZE, SMTPUTF8, BODY, AUTH= (RFC 1870, 6531, 4954)
 AUTH_LINE_LIMIT = 12288       # RFC 4954 4: AUTH initial responses may be long
-DATA_END = b"\r\n.\r\n"
-READ_CHUNK = 65536
 _HELO_ARGUMENT = re.compile(r"[^\x00-\x20\x7f]{1,255}")
 SHUTDOWN_REPLY = "421 4.3.2 Service shutting down, try again later"
-ALLOWED_BEFORE_TLS = {"EHLO", "STARTTLS", "NOOP", "QUIT"}  # RFC 3207 4, with --server-tls-required
-TLS_HANDSHAKE_TIMEOUT = 30.0
-TLS_SHUTDOWN_TIMEOUT = 2.0  # a client that never answers our close_notify must not hold up a shutdown
 PROXY_HEADER_TIMEOUT = 10.0  # the proxy sends its header at once
 COMMAND_TOO_SLOW = "421 4.4.2 Command not completed in time, closing connection"
-DATA_TOO_SLOW = "421 4.4.2 Message data arriving too slowly, closing connection"
 UNTRUSTED_PROXY = "421 4.7.0 Connections are accepted only through a trusted proxy"
 
 
@@ -59,7 +51,7 @@ class _NoHandler:
     """aiosmtpd wants a handler object; every command it would pass on is overridden here."""
 
 
-class RelaySMTP(SmtpAuth, SMTP):
+class RelaySMTP(SmtpTls, SmtpAuth, DataReader, SMTP):
     """One client connection."""
 
     def __init__(self, reception: Reception, settings: SmtpSettings, server: SmtpServer, *,
@@ -317,79 +309,6 @@ class RelaySMTP(SmtpAuth, SMTP):
             return True
         return False
 
-    # ---------------------------------------------------------------- TLS
-    @property
-    def _starttls_offered(self) -> bool:
-        tls = self.server.tls
-        return tls is not None and tls.starttls and not (self.relay_session and self.relay_session.tls)
-
-    def _needs_tls_first(self, command: str) -> bool:
-        # --server-tls-required, loopback clients included: RFC 3207 4's short list before TLS.
-        tls = self.server.tls
-        return (tls is not None and tls.settings.required and command not in ALLOWED_BEFORE_TLS
-                and not (self.relay_session and self.relay_session.tls))
-
-    async def smtp_STARTTLS(self, arg: str | None) -> None:
-        if arg:
-            await self.push("501 5.5.4 Syntax: STARTTLS")
-        elif self.relay_session is not None and self.relay_session.tls:
-            await self.push("503 5.5.1 TLS is already active")
-        elif not self._starttls_offered:
-            await self.push("454 4.7.0 TLS not available")
-        else:
-            # No drain between the reply and start_tls(): it stops reading from the socket before
-            # the loop runs again, so the client's handshake cannot land in the command buffer.
-            self._writer.write(b"220 2.0.0 Ready to start TLS\r\n")
-            await self._start_tls()
-
-    async def _start_tls(self) -> None:
-        """STARTTLS handshake; on failure the connection is closed."""
-        tls, session, plain = self.server.tls, self.relay_session, self.transport
-        assert tls is not None and session is not None and plain is not None
-        # Clear text the client sent after STARTTLS is discarded (the command injection known
-        # from CVE-2011-0411). Now, not after the handshake: by then the buffer may already hold
-        # the client's first command over TLS.
-        self._reader._buffer.clear()  # type: ignore[attr-defined]
-        transport: asyncio.BaseTransport | None = None
-        problem: object = "connection closed during the handshake"
-        try:
-            transport = await self.loop.start_tls(plain, self, tls.context, server_side=True,
-                                                  ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
-                                                  ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
-        except (OSError, EOFError, asyncio.TimeoutError) as e:  # ssl.SSLError is an OSError
-            problem = e
-        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-        if transport is None or ssl_object is None or transport.is_closing():
-            log.info("session=%s client=%s TLS handshake failed: %s", session.id, session.peer_ip, problem)
-            plain.close()
-            self.connection_lost(None)
-            return
-        # aiosmtpd's streams write to and pause the TLS transport from now on.
-        self.transport = self._transport = self._reader._transport = self._writer._transport = transport  # type: ignore[attr-defined]
-        self._over_ssl = True
-        self._tls_established(transport, ssl_object)
-
-    def _tls_established(self, transport: asyncio.BaseTransport, ssl_object: ssl.SSLObject) -> None:
-        """The session starts over (RFC 3207 4.2): no HELO, transaction or AUTH survive, and the
-        session records the cipher and the client's certificate (PEM, as E-MailRelay keeps it)."""
-        session = self.relay_session
-        assert session is not None
-        self._tls_protocol = transport  # type: ignore[assignment]  # aiosmtpd (AUTH) asks only if set
-        self._set_rset_state()
-        peer, self.session = self.session.peer, self._create_session()
-        self.session.peer = peer
-        self.session.ssl = {"ssl_object": ssl_object, "cipher": ssl_object.cipher(),
-                            "peercert": ssl_object.getpeercert()}
-        self.transaction = None
-        session.helo, session.esmtp, session.auth_user, session.auth_mechanism = "", False, "", ""
-        session.tls, session.tls_cipher = True, (ssl_object.cipher() or ("",))[0]
-        der = ssl_object.getpeercert(binary_form=True)
-        session.client_certificate = ssl.DER_cert_to_PEM_cert(der) if der else ""
-        self._reset_timeout()
-        log.info("session=%s client=%s TLS %s cipher=%s%s", session.id, session.peer_ip,
-                 ssl_object.version(), session.tls_cipher,
-                 f" client-certificate={peer_subject(ssl_object.getpeercert())!r}" if der else "")
-
     # ---------------------------------------------------------------- transaction commands
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self._need_helo():
@@ -529,57 +448,3 @@ class RelaySMTP(SmtpAuth, SMTP):
         reply = await self.reception.data(self.relay_session, transaction, body)  # type: ignore[arg-type]
         self.messages_accepted += reply.startswith("250")
         await self.push(reply)
-
-    async def _read_data(self) -> tuple[bytes | None, str]:
-        """Read up to CRLF.CRLF; return (unstuffed content, "") or (None, error reply).
-
-        Only the exact sequence CRLF "." CRLF ends the data (so ``\\n.\\n``, ``\\r.\\r`` and mixed
-        forms are content, and SMTP smuggling cannot split one message into two). An over-size
-        or over-long message is read to its end and discarded before the error reply, as
-        RFC 5321 4.2.5 implies. Data that falls behind ``min_data_rate`` (after a first
-        ``command_timeout`` of grace) is :data:`DATA_TOO_SLOW`, and the connection must end.
-        """
-        rate = self.settings.min_data_rate
-        start = self.loop.time() + self.settings.command_timeout
-        reader = self._reader
-        limit = self.settings.size
-        buf = bytearray(b"\r\n")  # the CRLF that ended the DATA command, so "." on line one ends too
-        scan_from = 0
-        too_big = False
-        received = 0
-        while True:
-            end = buf.find(DATA_END, scan_from)
-            if end >= 0:
-                break
-            try:
-                async with asyncio.timeout_at(start + received / rate if rate else None):
-                    chunk = await reader.read(READ_CHUNK)
-            except TimeoutError:
-                log.info("session=%s client=%s dropped: DATA slower than %d octets/s (min_data_rate)",
-                         self.relay_session.id if self.relay_session else "-",
-                         self.relay_session.peer_ip if self.relay_session else "-", rate)
-                return None, DATA_TOO_SLOW
-            if not chunk:
-                raise ConnectionResetError("connection closed during DATA")
-            received += len(chunk)
-            if limit and not too_big and received > limit + len(DATA_END):
-                too_big = True
-            if too_big:
-                del buf[:-4]  # keep only what could start the end marker
-            scan_from = max(0, len(buf) - 4)
-            buf += chunk
-            self._reset_timeout()
-        leftover = bytes(buf[end + len(DATA_END):])
-        if leftover:
-            # Pipelined commands after the end of data: give them back to the command reader.
-            reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
-        if too_big:
-            return None, f"552 5.3.4 Message size exceeds fixed maximum message size ({limit} octets)"
-        stuffed = bytes(buf[: end + 2])  # leading CRLF + lines, each with its CRLF
-        body = stuffed.replace(b"\r\n.", b"\r\n")[2:]
-        if limit and len(body) > limit:
-            return None, f"552 5.3.4 Message size exceeds fixed maximum message size ({limit} octets)"
-        if len(body) > TEXT_LINE_LIMIT and max(map(len, body.split(b"\r\n"))) > TEXT_LINE_LIMIT:
-            return None, (f"500 5.5.2 Line too long: RFC 5321 limits text lines to 1000 octets "
-                          "including CRLF")
-        return body, ""

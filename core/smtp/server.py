@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Callable, Union
 
 from ..net import LISTEN_BACKLOG
 from ..tls import ServerTls
-from .protocol import TLS_HANDSHAKE_TIMEOUT, TLS_SHUTDOWN_TIMEOUT, RelaySMTP
+from .protocol import RelaySMTP
+from .starttls import TLS_HANDSHAKE_TIMEOUT, TLS_SHUTDOWN_TIMEOUT
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config.settings import SmtpSettings, TlsSettings
