@@ -55,6 +55,8 @@ def _daemon_options(f: Any) -> Any:
             kwargs["count"] = True
         elif option.kind == "multi":
             kwargs.update(multiple=True, metavar=option.metavar)
+        elif option.kind == "optional":  # --anonymous or --anonymous=server,content
+            kwargs.update(is_flag=False, flag_value="all", metavar=option.metavar)
         else:
             kwargs["metavar"] = option.metavar
         f = click.option(*names, option.dest, **kwargs)(f)
@@ -199,9 +201,10 @@ def expand_options_file(argv: list[str]) -> list[str]:
         if not os.path.exists(token) and token in cli.plugin_commands():
             return argv
         flags = {o.long for o in OPTIONS if o.kind in ("flag", "count")}
+        optional = {o.long for o in OPTIONS if o.kind == "optional"}
         known = {o.long for o in OPTIONS} | {"config"}
         try:
-            file_args = read_options_file(token, flags, known)
+            file_args = read_options_file(token, flags, known, optional)
         except ConfigError as e:
             raise click.ClickException(str(e)) from None
         return file_args + argv[:i] + argv[i + 1:]

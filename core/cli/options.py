@@ -12,7 +12,7 @@ from typing import Any, Callable, Literal
 
 from ..config.loader import ConfigError
 
-Kind = Literal["flag", "value", "count", "multi"]
+Kind = Literal["flag", "value", "count", "multi", "optional"]  # optional: --opt or --opt=VALUE
 Apply = Callable[[dict[str, Any], Any], None]
 
 
@@ -35,6 +35,18 @@ def _list_of(section: str, key: str) -> Apply:
     def apply(raw: dict[str, Any], value: Any) -> None:
         raw.setdefault(section, {})[key] = _split_list(value)
     return apply
+
+
+ANONYMOUS_SCOPES = ("vrfy", "server", "content", "client")
+
+
+def _anonymous(raw: dict[str, Any], value: Any) -> None:
+    """E-MailRelay's ``--anonymous[=vrfy,server,content,client]`` (no value: all of them)."""
+    scopes = [v.lower() for v in _split_list(value) if v.lower() != "all"] if value not in (True, "all") else []
+    unknown = [v for v in scopes if v not in ANONYMOUS_SCOPES]
+    if unknown:
+        raise ConfigError(f"--anonymous: unknown scope {unknown[0]!r} (known: {', '.join(ANONYMOUS_SCOPES)})")
+    raw.setdefault("smtp", {})["anonymous"] = scopes or list(ANONYMOUS_SCOPES)
 
 
 def _as_server(raw: dict[str, Any], value: Any) -> None:
@@ -243,6 +255,9 @@ OPTIONS: list[Option] = [
     Option("server-auth-config", None, "value", _set("auth", "server_auth_config"),
            "AUTH mechanisms: m:ALLOW;x:DENY without TLS, a:ALLOW;d:DENY under TLS (e.g. m:;a:plain,login)",
            "CONFIG", plugin="auth"),
+    Option("anonymous", "A", "optional", _anonymous,
+           "say less about this relay: no VRFY, a plain greeting, no Received: header (or a "
+           "comma-separated choice of vrfy, server, content, client)", "[SCOPE]"),
     Option("plugins", None, "multi", _set("plugins", "enable", _split_list),
            "enable plugins by name, in this order (comma-separated)", "NAMES"),
 ]

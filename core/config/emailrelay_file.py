@@ -18,10 +18,12 @@ _YES = {"y", "yes", "t", "true", "1", "on"}
 _NO = {"n", "no", "f", "false", "0", "off"}
 
 
-def read_options_file(path: str | Path, flags: Container[str], known: Container[str]) -> list[str]:
+def read_options_file(path: str | Path, flags: Container[str], known: Container[str],
+                      optional: Container[str] = ()) -> list[str]:
     """Arguments equivalent to the file: ``["--port", "25", "--log", ...]``.
 
-    ``flags`` names the options that take no value; ``known`` every option the relay has.
+    ``flags`` names the options that take no value; ``optional`` those that may have one
+    (``anonymous`` or ``anonymous server``); ``known`` every option the relay has.
     """
     path = Path(path)
     text = read_text_file(path, "options file")
@@ -40,6 +42,9 @@ def read_options_file(path: str | Path, flags: Container[str], known: Container[
             raise ConfigError(f"{path}:{lineno}: unknown option {name!r}")
         if value is not None and len(value) >= 2 and value[0] == value[-1] == '"':
             value = value[1:-1]
+        if name in optional:
+            args.append(f"--{name}" if value in (None, "") else f"--{name}={value}")
+            continue
         if name in flags:
             if value is None or value.lower() in _YES:
                 args.append(f"--{name}")

@@ -49,6 +49,7 @@ class SmtpSettings:
     port: int = 2525             # --port
     interface: list[str] = field(default_factory=list)  # --interface; empty: loopback (or any with remote_clients)
     remote_clients: bool = False  # --remote-clients
+    anonymous: list[str] = field(default_factory=list)  # --anonymous: any of vrfy, server, content, client
     size: int = 52_428_800       # --size in octets; 0 = no limit
     idle_timeout: float = 300.0  # --idle-timeout; RFC 5321 4.5.3.2.7: at least 5 minutes
     command_timeout: float = 60.0  # a command line must be complete this long after its first octet

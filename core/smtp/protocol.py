@@ -61,7 +61,7 @@ class RelaySMTP(SmtpTls, SmtpAuth, DataReader, SMTP):
             data_size_limit=settings.size or None,
             enable_SMTPUTF8=settings.smtputf8,
             hostname=hostname,
-            ident="ESMTP mailrelay",
+            ident="ESMTP" if "server" in settings.anonymous else "ESMTP mailrelay",
             timeout=settings.idle_timeout,
             proxy_protocol_timeout=PROXY_HEADER_TIMEOUT if server.proxy_protocol else None,
             auth_require_tls=False,  # what is offered before TLS is the auth plugins' decision (auth.py)
@@ -286,7 +286,7 @@ class RelaySMTP(SmtpTls, SmtpAuth, DataReader, SMTP):
         if not esmtp:
             await self.push(f"250 {self.hostname}")
             return
-        lines = [f"{self.hostname} greets {hostname}"]
+        lines = [self.hostname if "server" in self.settings.anonymous else f"{self.hostname} greets {hostname}"]
         if self.settings.pipelining:
             lines.append("PIPELINING")
         lines.append(f"SIZE {self.settings.size}" if self.settings.size else "SIZE")
@@ -397,6 +397,9 @@ class RelaySMTP(SmtpTls, SmtpAuth, DataReader, SMTP):
         await self.push("250 2.0.0 OK")
 
     async def smtp_VRFY(self, arg: str | None) -> None:
+        if "vrfy" in self.settings.anonymous:
+            await self.push("502 5.5.1 VRFY is disabled")
+            return
         address = (arg or "").strip()
         if address[-9:].upper() == " SMTPUTF8":  # RFC 6531 3.7.4.2
             address = address[:-9].rstrip()

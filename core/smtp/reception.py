@@ -82,7 +82,8 @@ class Reception:
     async def data(self, session: Session, transaction: Transaction, body: bytes) -> str:
         """Process a complete message; return the reply for the end of DATA."""
         message_id = self.spool.new_id()
-        header = received_header(session, self.domain, message_id, transaction.smtputf8)
+        header = (b"" if "content" in self.smtp.anonymous  # --anonymous: no Received: line
+                  else received_header(session, self.domain, message_id, transaction.smtputf8))
         hops = count_hops(body) + 1
         if hops > self.smtp.max_hops:
             self._event("rejected", session, message_id, reason="mail loop", hops=hops)
