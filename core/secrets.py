@@ -27,6 +27,12 @@ class Secret:
     name: str           # the account name (decoded), or an address range for "none"
     secret: str         # the password (decoded), a hash, or a keyword for "none"
     line: int
+    selector: str = ""  # client lines: E-MailRelay's fifth field, matched with ClientAccountSelector
+
+    @property
+    def authenticates(self) -> bool:
+        """False for E-MailRelay's "no authentication" client account (``client plain:b = = sel``)."""
+        return bool(self.name or self.secret)
 
 
 #: Password-hash types accepted on ``server`` lines (not E-MailRelay's: ours).
@@ -54,8 +60,9 @@ def read_secrets(path: str | Path) -> list[Secret]:
             kind = "plain"
         elif kind == "plain:b":
             try:
-                name = base64.b64decode(name, validate=True).decode("utf-8")
-                secret = base64.b64decode(secret, validate=True).decode("utf-8")
+                # "=" is E-MailRelay's empty field (no authentication for that selector).
+                name = "" if name == "=" else base64.b64decode(name, validate=True).decode("utf-8")
+                secret = "" if secret == "=" else base64.b64decode(secret, validate=True).decode("utf-8")
             except (binascii.Error, UnicodeDecodeError):
                 raise ConfigError(f"{path}:{lineno}: plain:b fields must be base64 of UTF-8 text") from None
             kind = "plain"
@@ -67,20 +74,36 @@ def read_secrets(path: str | Path) -> list[Secret]:
         else:
             raise ConfigError(f"{path}:{lineno}: unknown secret type {fields[1]!r} (plain, plain:b, md5"
                               f"{', none, bcrypt, argon2, scrypt' if side == 'server' else ''})")
-        secrets.append(Secret(side, kind, name, secret, lineno))  # type: ignore[arg-type]
+        selector = fields[4] if side == "client" and len(fields) > 4 and not fields[4].startswith("#") else ""
+        secrets.append(Secret(side, kind, name, secret, lineno, selector))  # type: ignore[arg-type]
     return secrets
 
 
-def client_account(path: str | Path) -> Secret:
-    """The first ``client`` line: a plain secret (AUTH PLAIN, LOGIN or CRAM-MD5) or an md5 one
-    (CRAM-MD5 only, from the hashed form ``emailrelay-passwd`` prints)."""
+def client_accounts(path: str | Path) -> dict[str, Secret]:
+    """The ``client`` lines by account selector (``""``: the line without one, used when a
+    message's envelope names no ``ClientAccountSelector``); the first line for a selector wins."""
+    accounts: dict[str, Secret] = {}
     for secret in read_secrets(path):
-        if secret.side == "client":
+        if secret.side == "client" and secret.selector not in accounts:
             if secret.kind == "md5":
-                from .cram_md5 import parse_hashed_secret
-                try:
-                    parse_hashed_secret(secret.secret)
-                except ValueError as e:
-                    raise ConfigError(f"{path}:{secret.line}: bad md5 secret: {e}") from None
-            return secret
-    raise ConfigError(f"{path}: no 'client' line (e.g. 'client plain alice my+20secret')")
+                _check_md5(path, secret)
+            accounts[secret.selector] = secret
+    if not accounts:
+        raise ConfigError(f"{path}: no 'client' line (e.g. 'client plain alice my+20secret')")
+    return accounts
+
+
+def _check_md5(path: str | Path, secret: Secret) -> None:
+    from .cram_md5 import parse_hashed_secret
+    try:
+        parse_hashed_secret(secret.secret)
+    except ValueError as e:
+        raise ConfigError(f"{path}:{secret.line}: bad md5 secret: {e}") from None
+
+
+def client_account(path: str | Path) -> Secret:
+    """The account used when a message names no selector: the first ``client`` line without one
+    (else the first ``client`` line). Plain secrets do PLAIN, LOGIN or CRAM-MD5; md5 ones (the
+    hashed form ``emailrelay-passwd`` prints) CRAM-MD5 only."""
+    accounts = client_accounts(path)
+    return accounts.get("") or next(iter(accounts.values()))

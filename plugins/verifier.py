@@ -14,11 +14,13 @@ AUTH name. It prints two lines and exits with:
 * 1, a valid remote address: line 2 the address to use (possibly rewritten);
 * 3, a temporary failure: ``450`` with line 1 as the text;
 * 100, abort: the connection is closed;
-* 2 or any other code, invalid: ``550`` with line 1 as the text (``mailbox unavailable`` when
-  empty); line 2, if any, only goes to the log. A 0 or 1 without two lines is invalid too.
+* 2, invalid: ``550`` with line 1 as the text (``mailbox unavailable`` when empty); line 2, if
+  any, only goes to the log.
 
-A verifier that cannot be run, is killed by a signal or overruns the timeout is a temporary
-failure (``450``): the fault is ours, not the address's. ``net:HOST:PORT`` sends the same six
+Any other exit code, a 0 or 1 without its two lines, a verifier that cannot be run, is killed by
+a signal or overruns the timeout is a temporary failure (``450``): the fault is the verifier's,
+not the address's, so the client keeps the message and tries again (E-MailRelay answers 550 to
+the unknown codes, which bounces mail because of a broken script). ``net:HOST:PORT`` sends the same six
 fields as one ``|``-separated line over a kept-open TCP connection and reads one line back:
 ``0|mailbox|full name``, ``1|address``, ``2|text[|reason]``, ``3|text[|reason]`` or ``100``.
 ``account:`` makes system accounts (uid 1000-32767 by default) mailboxes at the relay's domain;
@@ -110,12 +112,15 @@ def outcome_from_program(exit_code: int, stdout: bytes) -> Outcome:
         return Outcome("remote", second)
     if exit_code == 100:
         return Outcome("abort", reason="exit code 100")
-    kind: Literal["invalid", "temporary"] = "temporary" if exit_code == 3 else "invalid"
-    return Outcome(kind, text=first or UNAVAILABLE, reason=second or f"exit code {exit_code}")
+    if exit_code in (2, 3):
+        kind: Literal["invalid", "temporary"] = "temporary" if exit_code == 3 else "invalid"
+        return Outcome(kind, text=first or UNAVAILABLE, reason=second or f"exit code {exit_code}")
+    return Outcome.failure(CANNOT_VERIFY, f"verifier broke its contract: exit code {exit_code}"
+                           + ("" if exit_code not in (0, 1) else " without two lines of output"))
 
 
 def outcome_from_line(line: str) -> Outcome:
-    """Read a ``net:`` verifier's answer line; anything unrecognised is invalid."""
+    """Read a ``net:`` verifier's answer line; anything unrecognised is a temporary failure."""
     parts = [_printable(p) for p in line.rstrip("\r\n").split("|")]
     code = parts[0]
     if code == "100":
@@ -127,7 +132,7 @@ def outcome_from_line(line: str) -> Outcome:
     if code in ("2", "3") and len(parts) >= 2:
         return Outcome("temporary" if code == "3" else "invalid", text=parts[1] or UNAVAILABLE,
                        reason=parts[2] if len(parts) > 2 else "")
-    return Outcome("invalid", text=UNAVAILABLE, reason=f"unrecognised answer {line[:80]!r}")
+    return Outcome.failure(CANNOT_VERIFY, f"unrecognised answer {line[:80]!r}")
 
 
 def client_field(session: Session) -> str:

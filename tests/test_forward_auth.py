@@ -11,7 +11,7 @@ import trustme
 from conftest import free_port
 from mailrelay.config.loader import ConfigError
 from mailrelay.cram_md5 import hashed_secret
-from mailrelay.secrets import client_account, read_secrets
+from mailrelay.secrets import client_account, client_accounts, read_secrets
 from sinks import Sink
 from test_forward import MSG, wait_until
 
@@ -103,3 +103,35 @@ def test_forwarding_with_an_emailrelay_md5_secret_uses_cram_md5(inprocess_relay,
         client.sendmail("a@example.test", ["x@far.test"], MSG)
     target.wait_for(1)
     assert target.logins == ["carol"]
+
+
+def test_a_filter_chooses_the_client_account_by_selector(inprocess_relay, smarthost, tmp_path):
+    # E-MailRelay's fifth field: a filter writes ClientAccountSelector, the client logs in as that line.
+    target = smarthost(account=("alice", "s3cret pw"))
+    secrets = tmp_path / "secrets"
+    secrets.write_text("client plain bob not+20alice   # no selector: the default account\n"
+                       "client plain alice s3cret+20pw use_alice\n"
+                       "client plain:b = = noauth      # selector 'noauth': no authentication\n")
+    selector = tmp_path / "selector.sh"
+    selector.write_text("#!/bin/sh\n"
+                        "sel=$(sed -n 's/^Subject: account \\(.*\\)\\r$/\\1/p' \"$1\")\n"
+                        "[ -n \"$sel\" ] && sed -i \"s/^X-MailRelay-ClientAccountSelector: .*/"
+                        "X-MailRelay-ClientAccountSelector: $sel\\r/\" \"$2\"\n"
+                        "exit 0\n")
+    selector.chmod(0o755)
+    relay = inprocess_relay(enable=["forward", "filters"], config={
+        "forward": {"to": f"127.0.0.1:{target.port}", "client_auth": str(secrets)},
+        "filters": {"server": [str(selector)]}, "queue": {"retry": ["1h"]}})
+    for subject in ("account use_alice", "account missing", "no selector"):
+        with smtplib.SMTP("127.0.0.1", relay.port) as client:
+            client.sendmail("a@example.test", ["x@far.test"], MSG.replace(b"Subject: forward me",
+                                                                           f"Subject: {subject}".encode()))
+    [got] = target.wait_for(1)
+    assert got.message["Subject"] == "account use_alice" and target.logins == ["alice"]
+    retries = wait_until(lambda: len(list(relay.spool.directory.glob("*.retry"))) == 2
+                         and [p.read_text() for p in relay.spool.directory.glob("*.retry")], what="two deferrals")
+    joined = "\n".join(retries)
+    assert "no 'client' line with account selector 'missing'" in joined   # unknown selector
+    assert "authentication failed: 535" in joined                         # bob, the default, is refused
+    accounts = client_accounts(secrets)
+    assert sorted(accounts) == ["", "noauth", "use_alice"] and not accounts["noauth"].authenticates

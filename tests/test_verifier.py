@@ -21,7 +21,7 @@ import pytest
 from conftest import SHARED, free_port, require, wait_until
 from smtpwire import Wire
 from mailrelay.spool import Spool
-from mailrelay_plugins.verifier import Outcome, outcome_from_line, outcome_from_program
+from mailrelay_plugins.verifier import CANNOT_VERIFY, Outcome, outcome_from_line, outcome_from_program
 
 BODY = b"Subject: verified\r\n\r\nhello\r\n"
 
@@ -84,12 +84,13 @@ def test_each_exit_code_gives_its_reply(relay_process, verifier):
         (250, "2.1.5 Recipient OK"),
         (550, "5.1.1 no such user here"),
         (450, "4.2.0 mailbox busy, try later"),
-        (550, "5.1.1 odd exit code"),          # E-MailRelay: any other code is invalid, like 2
+        (450, "4.3.0 cannot verify the address now"),  # another code: a broken verifier, not a bad address
         (550, "5.1.1 mailbox unavailable"),    # no text: E-MailRelay's default
-        (550, "5.1.1 only one line"),          # a 0 without the mailbox line is invalid
+        (450, "4.3.0 cannot verify the address now"),  # a 0 without the mailbox line: broken too
         (450, "4.3.0 cannot verify the address now"),  # a crashed verifier is our fault
     ]
     assert "for the log only" in relay.log and "verifier killed by signal 9" in relay.log
+    assert "verifier broke its contract: exit code" in relay.log
 
 
 def test_the_verifier_gets_emailrelays_six_arguments(relay_process, verifier, tmp_path):
@@ -252,7 +253,7 @@ def test_a_network_verifier(relay_process, line_verifier, tmp_path):
     replies = rcpt_replies(relay.port, ["alice@local.test", "bad@local.test", "busy@local.test", "junk@local.test",
                                         "other@far.test"])
     assert replies == [(250, "2.1.5 Recipient OK"), (550, "5.1.1 no such user"), (450, "4.2.0 try later"),
-                       (550, "5.1.1 mailbox unavailable"), (250, "2.1.5 Recipient OK")]
+                       (450, "4.3.0 cannot verify the address now"), (250, "2.1.5 Recipient OK")]
     assert line_verifier.connections == 1  # one kept-open connection for all requests
     assert line_verifier.requests[0][:2] == ["alice@local.test", "sender@outside.test"]
     assert line_verifier.requests[0][3:] == ["relay.test", "none", ""]
@@ -355,10 +356,11 @@ def test_vrfy_through_the_verifier_when_enabled(relay_process, verifier, tmp_pat
     (0, b"Full Name\r\nmbox\r\n", Outcome("local", "mbox", full_name="Full Name")),
     (0, b"\nmbox\n\n\n", Outcome("local", "mbox")),
     (1, b"\nNew@Addr.test\n", Outcome("remote", "New@Addr.test")),
-    (1, b"only one line\n", Outcome("invalid", text="only one line", reason="exit code 1")),
+    (1, b"only one line\n", Outcome.failure(CANNOT_VERIFY, "verifier broke its contract: exit code 1 "
+                                                              "without two lines of output")),
     (2, b"", Outcome("invalid", text="mailbox unavailable", reason="exit code 2")),
     (3, b"later\nwhy\n", Outcome("temporary", text="later", reason="why")),
-    (7, b"x\x1b[31my\n", Outcome("invalid", text="x?[31my", reason="exit code 7")),
+    (7, b"x\x1b[31my\n", Outcome.failure(CANNOT_VERIFY, "verifier broke its contract: exit code 7")),
     (100, b"ignored\n", Outcome("abort", reason="exit code 100")),
 ])
 def test_program_output_is_read_like_emailrelay(code, output, outcome):
@@ -367,7 +369,7 @@ def test_program_output_is_read_like_emailrelay(code, output, outcome):
 
 @pytest.mark.parametrize("line, outcome", [
     ("0|mbox|Full Name\r\n", Outcome("local", "mbox", full_name="Full Name")),
-    ("0|mbox\n", Outcome("invalid", text="mailbox unavailable", reason="unrecognised answer '0|mbox\\n'")),
+    ("0|mbox\n", Outcome.failure(CANNOT_VERIFY, "unrecognised answer '0|mbox\\n'")),
     ("1|\n", Outcome("remote", "")),
     ("2|no|why\n", Outcome("invalid", text="no", reason="why")),
     ("3|later\n", Outcome("temporary", text="later")),

@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiosmtplib
 
@@ -40,7 +40,7 @@ class ClientOptions:
     connections_per_destination: int = 4
     all_or_nothing: bool = False    # --forward-to-all: one refused recipient fails the message
     pipelining: bool = True         # pipeline MAIL/RCPT/DATA when the server offers PIPELINING
-    auth: Secret | None = None      # the "client" account from --client-auth
+    accounts: dict[str, Secret] = field(default_factory=dict)  # --client-auth: client lines by selector
 
 
 class HopError(Exception):
@@ -63,10 +63,11 @@ def _reply_text(message: str) -> str:
 
 
 class Destination:
-    """Idle connections and a concurrency limit for one host:port."""
+    """Idle connections and a concurrency limit for one host:port and client account (a
+    connection is authenticated as one account, so accounts do not share connections)."""
 
-    def __init__(self, host: str, port: int, limit: int):
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, limit: int, account: Secret | None):
+        self.host, self.port, self.account = host, port, account
         self.idle: list[tuple[float, aiosmtplib.SMTP]] = []
         self.slots = asyncio.Semaphore(limit)
 
@@ -83,13 +84,21 @@ class SmtpClient:
                 self._tls_context.check_hostname = False
                 self._tls_context.verify_mode = ssl.CERT_NONE
 
-    def _destination(self, host: str, port: int) -> Destination:
-        key = (host, port)
+    def _destination(self, host: str, port: int, selector: str) -> Destination:
+        key = (host, port, selector)
         if key not in self._destinations:
-            self._destinations[key] = Destination(host, port, self.options.connections_per_destination)
+            account = self.options.accounts.get(selector)
+            self._destinations[key] = Destination(host, port, self.options.connections_per_destination,
+                                                  account if account is not None and account.authenticates else None)
         return self._destinations[key]
 
-    async def _connect(self, host: str, port: int) -> aiosmtplib.SMTP:
+    def account_problem(self, selector: str) -> str:
+        """Why a message with this ``ClientAccountSelector`` cannot be sent ("" when it can)."""
+        if selector and self.options.accounts and selector not in self.options.accounts:
+            return f"4.7.0 no 'client' line with account selector {selector!r} in the --client-auth file"
+        return ""
+
+    async def _connect(self, host: str, port: int, account: Secret | None) -> aiosmtplib.SMTP:
         opts = self.options
         client = aiosmtplib.SMTP(
             hostname=host, port=port, local_hostname=opts.helo, timeout=opts.connection_timeout,
@@ -103,8 +112,8 @@ class SmtpClient:
                 await client.ehlo(timeout=opts.response_timeout)  # RFC 3207: extensions may change
             elif opts.tls == "required":
                 raise HopError(f"{host}:{port} does not offer STARTTLS and TLS is required")
-            if opts.auth is not None:
-                await self._authenticate(client, host, port)
+            if account is not None:
+                await self._authenticate(client, host, port, account)
         except HopError:
             client.close()
             raise
@@ -113,8 +122,7 @@ class SmtpClient:
             raise HopError(f"{host}:{port}: {type(e).__name__}: {e}") from None
         return client
 
-    async def _authenticate(self, client: aiosmtplib.SMTP, host: str, port: int) -> None:
-        assert self.options.auth is not None
+    async def _authenticate(self, client: aiosmtplib.SMTP, host: str, port: int, account: Secret) -> None:
         encrypted = client.get_transport_info("sslcontext") is not None
         if not encrypted and not _is_loopback(host):
             # A password never crosses the network in clear text.
@@ -124,7 +132,6 @@ class SmtpClient:
             raise HopError(f"{host}:{port} does not offer AUTH, but --client-auth is configured")
         # One mechanism, the best offered: a wrong password is one failed attempt at the server,
         # not one per mechanism (which trips lockouts). A hashed secret can only do CRAM-MD5.
-        account = self.options.auth
         offered = [m.lower() for m in client.server_auth_methods]
         usable = ("cram-md5",) if account.kind == "md5" else ("plain", "login", "cram-md5")
         mechanism = next((m for m in usable if m in offered), None)
@@ -162,14 +169,18 @@ class SmtpClient:
             if client.is_connected and now - since < IDLE_LIMIT:
                 return client
             client.close()
-        return await self._connect(dest.host, dest.port)
+        return await self._connect(dest.host, dest.port, dest.account)
 
     async def send(self, hosts: list[tuple[str, int]], message: Message,
                    recipients: list[Recipient]) -> list[DeliveryResult]:
         """Try ``hosts`` in order until one takes the transaction; one result per recipient."""
+        selector = message.envelope.client_account_selector
+        problem = self.account_problem(selector)
+        if problem:
+            return [DeliveryResult(r, "temp", 451, problem) for r in recipients]
         last_error = "no destination"
         for host, port in hosts:
-            dest = self._destination(host, port)
+            dest = self._destination(host, port, selector if selector in self.options.accounts else "")
             async with dest.slots:
                 try:
                     client = await self._checkout(dest)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from mailrelay_sdk import DeliveryResult, Message, Recipient, Route, hookimpl
 
-from mailrelay.secrets import client_account
+from mailrelay.secrets import client_accounts
 
 from .client import ClientOptions, SmtpClient
 from .limits import Limits
@@ -65,7 +65,7 @@ class ForwardPlugin:
             helo=relay.domain, connection_timeout=s.connection_timeout, response_timeout=s.response_timeout,
             client_interface=s.client_interface, tls=s.tls, tls_verify=s.tls_verify,
             connections_per_destination=s.connections_per_destination, all_or_nothing=s.recipients == "all",
-            pipelining=s.pipelining, auth=client_account(s.client_auth) if s.client_auth else None))
+            pipelining=s.pipelining, accounts=client_accounts(s.client_auth) if s.client_auth else {}))
 
     @hookimpl
     async def relay_shutdown(self) -> None:
