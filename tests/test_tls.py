@@ -139,6 +139,17 @@ def test_starttls_is_offered_then_mail_arrives_encrypted(tls_relay, certs, loop)
     assert envelope.client_certificate == ""  # no --server-tls-verify: no certificate asked for
 
 
+def swaks_over_tls(swaks: str, relay, certs: Certificates, mode: str) -> None:
+    """swaks sends one message with ``--tls`` (STARTTLS) or ``--tls-on-connect``, verifying our certificate."""
+    result = subprocess.run([swaks, "--server", f"127.0.0.1:{relay.port}", mode, "--tls-verify",
+                             "--tls-ca-path", str(certs.ca_file), "--helo", "client.test",
+                             "--from", "a@example.test", "--to", "b@example.test", "--body", "hello"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "TLS started" in result.stdout
+    assert len(list(relay.spool.glob("*.envelope"))) == 1
+
+
 def test_swaks_sends_over_starttls_with_key_and_certificate_in_two_files(relay_process, certs, tmp_path):
     swaks = require("swaks")
     leaf = certs.ca.issue_cert("localhost", "127.0.0.1")
@@ -146,13 +157,7 @@ def test_swaks_sends_over_starttls_with_key_and_certificate_in_two_files(relay_p
     leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "relay.crt"))
     relay = relay_process("-K", "--server-tls-certificate", str(tmp_path / "relay.key"),
                           "--server-tls-certificate", str(tmp_path / "relay.crt"))
-    result = subprocess.run([swaks, "--server", f"127.0.0.1:{relay.port}", "--tls", "--tls-verify",
-                             "--tls-ca-path", str(certs.ca_file), "--helo", "client.test",
-                             "--from", "a@example.test", "--to", "b@example.test", "--body", "hello"],
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "TLS started" in result.stdout
-    assert len(list(relay.spool.glob("*.envelope"))) == 1
+    swaks_over_tls(swaks, relay, certs, "--tls")
 
 
 def test_starttls_is_not_offered_without_tls(inprocess_relay):
@@ -245,13 +250,7 @@ def test_implicit_tls_port_speaks_tls_from_the_first_byte(tls_relay, certs, loop
 def test_swaks_sends_on_connect_to_an_implicit_tls_port(relay_process, certs):
     swaks = require("swaks")
     relay = relay_process("--server-tls-connection", "--server-tls-certificate", str(certs.dir / "server.pem"))
-    result = subprocess.run([swaks, "--server", f"127.0.0.1:{relay.port}", "--tls-on-connect", "--tls-verify",
-                             "--tls-ca-path", str(certs.ca_file), "--helo", "client.test",
-                             "--from", "a@example.test", "--to", "b@example.test", "--body", "hello"],
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "TLS started" in result.stdout
-    assert len(list(relay.spool.glob("*.envelope"))) == 1
+    swaks_over_tls(swaks, relay, certs, "--tls-on-connect")
 
 
 def read_to_end(sock: socket.socket) -> bytes:

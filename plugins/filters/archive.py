@@ -38,7 +38,7 @@ from mailrelay_sdk import FilterResult, Message, hookimpl
 
 from mailrelay.filtering import FilterSpec, FilterSpecError
 
-from .mailbox import fsync_dir
+from .mailbox import fsync_dir, write_file
 
 log = logging.getLogger("mailrelay.filters")
 
@@ -61,15 +61,7 @@ def store_content(directory: Path, content: bytes, *, durable: bool = True) -> s
     if final.exists():
         return digest
     tmp = directory / f".{digest}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
-    try:
-        view = memoryview(content)
-        while view:
-            view = view[os.write(fd, view):]
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_file(tmp, content, durable, 0o444, exclusive=True)
     try:
         os.link(tmp, final)  # never replaces a file already archived
     except FileExistsError:

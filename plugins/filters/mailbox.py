@@ -59,8 +59,11 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, data: bytes, durable: bool, mode: int = FILE_MODE) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), mode)
+def write_file(path: Path, data: bytes, durable: bool, mode: int = FILE_MODE, *, exclusive: bool = False) -> None:
+    """Write ``data`` to ``path`` (created with ``mode``; with ``exclusive`` it must not exist),
+    flushed to disk when ``durable``."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, mode)
     try:
         view = memoryview(data)
         while view:
@@ -83,7 +86,7 @@ def replace_file(path: Path, data: bytes, *, durable: bool) -> None:
     """Replace ``path`` atomically: write a temporary file beside it, flush, rename over it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_sequence)}.tmp")
     try:
-        _write_file(tmp, data, durable)
+        write_file(tmp, data, durable)
         os.replace(tmp, path)
     except BaseException:
         _unlink(tmp)
@@ -180,7 +183,7 @@ def _place_content(source: Path, target: Path, content: bytes, hardlink: bool, d
             if durable:
                 _fsync_file(target)  # at the server stage the spool file is not flushed yet
             return
-    _write_file(target, content, durable)
+    write_file(target, content, durable)
 
 
 def deliver_to(directory: Path, message: Message, envelope_bytes: bytes, *, hardlink: bool = False,
