@@ -4,12 +4,11 @@ aiosmtpd provides the connection, the command loop, STARTTLS and AUTH plumbing. 
 replaces the commands whose behaviour a relay must control: EHLO (PIPELINING, ENHANCEDSTATUSCODES),
 MAIL (null reverse-path, SIZE, BODY, SMTPUTF8), RCPT (100-recipient limit) and DATA (a reader that
 only ever ends at CRLF.CRLF, enforces SIZE and the 1000-octet line limit, and is fast: data.py);
-STARTTLS is in starttls.py and AUTH in auth.py, each a mixin of :class:`RelaySMTP`.
-Slow clients are bounded (slowloris): besides the idle timeout, a command line must be complete
-``[smtp] command_timeout`` seconds after its first octet, and DATA gets that long plus one second
-per ``min_data_rate`` octets; either overrun is ``421 4.4.2`` and the end of the connection.
-With ``[server] proxy_protocol`` the connection starts with a PROXY header from a trusted proxy,
-and the session's address is the client's that the header names.
+STARTTLS (starttls.py), AUTH (auth.py), slow-client deadlines (deadlines.py) and the PROXY
+header (proxy.py) are mixins of :class:`RelaySMTP`. Slow clients are bounded (slowloris):
+besides the idle timeout, a command line must be complete ``[smtp] command_timeout`` seconds after
+its first octet, and DATA gets that long plus one second per ``min_data_rate`` octets; either
+overrun is ``421 4.4.2`` and the end of the connection.
 Every decision is delegated to :class:`~mailrelay.smtp.reception.Reception`.
 """
 
@@ -21,13 +20,14 @@ import logging
 import re
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from aiosmtpd.proxy_protocol import AF, V2_CMD, ProxyData
 from aiosmtpd.smtp import SMTP
 
 from ..types import Action, Recipient, Session, Transaction, Verdict
 from .addresses import AddressError, parse_command_path
 from .auth import SmtpAuth
 from .data import DATA_TOO_SLOW, DataReader
+from .deadlines import CommandDeadline
+from .proxy import PROXY_HEADER_TIMEOUT, UNTRUSTED_PROXY, ProxyHeader
 from .starttls import SmtpTls
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,16 +42,13 @@ MAIL_EXTENSION_ALLOWANCE = 26 + 10 + 14 + 500  # SIZE, SMTPUTF8, BODY, AUTH= (RF
 AUTH_LINE_LIMIT = 12288       # RFC 4954 4: AUTH initial responses may be long
 _HELO_ARGUMENT = re.compile(r"[^\x00-\x20\x7f]{1,255}")
 SHUTDOWN_REPLY = "421 4.3.2 Service shutting down, try again later"
-PROXY_HEADER_TIMEOUT = 10.0  # the proxy sends its header at once
-COMMAND_TOO_SLOW = "421 4.4.2 Command not completed in time, closing connection"
-UNTRUSTED_PROXY = "421 4.7.0 Connections are accepted only through a trusted proxy"
 
 
 class _NoHandler:
     """aiosmtpd wants a handler object; every command it would pass on is overridden here."""
 
 
-class RelaySMTP(SmtpTls, SmtpAuth, DataReader, SMTP):
+class RelaySMTP(SmtpTls, SmtpAuth, DataReader, CommandDeadline, ProxyHeader, SMTP):
     """One client connection."""
 
     def __init__(self, reception: Reception, settings: SmtpSettings, server: SmtpServer, *,
@@ -141,48 +138,6 @@ class RelaySMTP(SmtpTls, SmtpAuth, DataReader, SMTP):
             return line
 
         reader.readuntil = readuntil  # type: ignore[method-assign]
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self._command_deadline is None and not self._reading_data:
-            self._start_command_deadline()
-
-    def _start_command_deadline(self) -> None:
-        self._command_deadline = self.loop.call_later(self.settings.command_timeout, self._command_overdue)
-
-    def _stop_command_deadline(self) -> None:
-        if self._command_deadline is not None:
-            self._command_deadline.cancel()
-            self._command_deadline = None
-
-    def _command_overdue(self) -> None:
-        self._command_deadline = None
-        buffered = self._reader._buffer  # type: ignore[attr-defined]
-        if self._reading_data or not buffered or b"\r\n" in buffered:
-            return  # a whole line is waiting for us, not the client for its end
-        if self.transport is not None and not self.transport.is_closing():
-            session = self.relay_session
-            log.info("session=%s client=%s dropped: command line incomplete after %gs (command_timeout)",
-                     session.id if session else "-", session.peer_ip if session else "-",
-                     self.settings.command_timeout)
-            self._writer.write(COMMAND_TOO_SLOW.encode() + b"\r\n")
-            self._close()
-
-    async def _proxy_header(self, server: Any, session: Any, envelope: Any, proxy: ProxyData) -> bool:
-        """aiosmtpd's PROXY hook: a valid header from a trusted proxy names the real client."""
-        relay_session = self.relay_session
-        assert relay_session is not None
-        if proxy.command == V2_CMD.LOCAL or proxy.family not in (AF.INET, AF.INET6) or proxy.src_addr is None:
-            # A health check (v2 LOCAL) or "PROXY UNKNOWN": the connection is the proxy's own.
-            log.info("session=%s proxy=%s no client address in the PROXY header", relay_session.id,
-                     relay_session.peer_ip)
-            return True
-        proxy_ip = relay_session.peer_ip
-        relay_session.peer_ip, relay_session.peer_port = str(proxy.src_addr), int(proxy.src_port or 0)
-        relay_session.local_ip, relay_session.local_port = str(proxy.dst_addr), int(proxy.dst_port or 0)
-        log.info("session=%s client=%s port=%d proxy=%s PROXY v%s", relay_session.id, relay_session.peer_ip,
-                 relay_session.peer_port, proxy_ip, proxy.version)
-        return True
 
     async def push(self, status: Any) -> None:
         # The first reply is the 220 greeting; on_connect runs just before it, after aiosmtpd has
