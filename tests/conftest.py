@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -57,9 +58,10 @@ def submit(port: int, content: bytes, *, sender: str = "a@example.test",
     """Send one message in its own session; the reply to DATA as (code, text), (250, "") when accepted."""
     with smtplib.SMTP("127.0.0.1", port, timeout=timeout) as client:
         try:
-            client.sendmail(sender, list(recipients), content)
+            refused = client.sendmail(sender, list(recipients), content)
         except smtplib.SMTPDataError as e:
             return e.smtp_code, e.smtp_error.decode()
+    assert not refused, f"recipients refused: {refused}"
     return 250, ""
 
 
@@ -158,10 +160,45 @@ def inprocess_relay(tmp_path: Path) -> Iterator[Callable[..., RunningRelay]]:
         relay.stop()
 
 
+@contextlib.contextmanager
+def dnsmasq_serving(workdir: Path, port: int, records: list[str], *, probe: str, options: list[str] = (),
+                    log: Path | None = None) -> Iterator[subprocess.Popen]:
+    """A real dnsmasq on 127.0.0.1:``port`` answering for ``.test`` from ``records`` (its options),
+    running until the block ends; ready once the A record of ``probe`` resolves."""
+    dnsmasq = require("dnsmasq")
+    output = open(log, "ab") if log is not None else subprocess.DEVNULL
+    proc = subprocess.Popen([dnsmasq, "-k", "-C", "/dev/null", f"--port={port}", "--listen-address=127.0.0.1",
+                             "--bind-interfaces", "--no-resolv", "--no-hosts", "--local=/test/", "--user=root",
+                             f"--pid-file={workdir}/dnsmasq.pid", *options, *records],
+                            stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    import dns.resolver
+
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers, resolver.port, resolver.lifetime = ["127.0.0.1"], port, 0.5
+    end = time.monotonic() + 15
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"dnsmasq exited with {proc.returncode}"
+                            + (f": {log.read_text()}" if log is not None else ""))
+            try:
+                resolver.resolve(probe, "A")
+                break
+            except Exception:
+                if time.monotonic() > end:
+                    pytest.fail("dnsmasq did not answer within 15 s")
+                time.sleep(0.05)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if log is not None:
+            output.close()  # type: ignore[union-attr]
+
+
 @pytest.fixture(scope="session")
 def dns_server(tmp_path_factory) -> Iterator[tuple[str, int]]:
     """A real DNS server (dnsmasq) on a loopback high port with test zones under .test."""
-    dnsmasq = require("dnsmasq")
     workdir = tmp_path_factory.mktemp("dnsmasq")
     port = free_port()
     records = ["--mx-host=example.test,mx1.example.test,10", "--mx-host=example.test,mx2.example.test,20",
@@ -186,30 +223,9 @@ def dns_server(tmp_path_factory) -> Iterator[tuple[str, int]]:
                "--mx-host=twice.test,mx2.example.test,20",
                "--mx-host=xn--bcher-kva.test,mx1.example.test,10", "--host-record=xn--strae-oqa.test,127.0.0.31",
                "--server=/timeout.test/127.0.0.1#9"]  # names under timeout.test never get an answer
-    log = open(workdir / "dnsmasq.log", "ab")
-    proc = subprocess.Popen([dnsmasq, "-k", "-C", "/dev/null", f"--port={port}", "--listen-address=127.0.0.1",
-                             "--bind-interfaces", "--no-resolv", "--no-hosts", "--no-negcache", "--local=/test/",
-                             "--user=root", f"--pid-file={workdir}/dnsmasq.pid", *records],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    import dns.resolver
-
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers, resolver.port, resolver.lifetime = ["127.0.0.1"], port, 0.5
-    end = time.monotonic() + 15
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"dnsmasq exited with {proc.returncode}: {(workdir / 'dnsmasq.log').read_text()}")
-        try:
-            resolver.resolve("mx1.example.test", "A")
-            break
-        except Exception:
-            if time.monotonic() > end:
-                pytest.fail("dnsmasq did not answer within 15 s")
-            time.sleep(0.05)
-    yield "127.0.0.1", port
-    proc.terminate()
-    proc.wait(10)
-    log.close()
+    with dnsmasq_serving(workdir, port, records, probe="mx1.example.test", options=["--no-negcache"],
+                         log=workdir / "dnsmasq.log"):
+        yield "127.0.0.1", port
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import ipaddress
 import itertools
 import smtplib
 import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +17,7 @@ from typing import Iterator
 import dns.resolver
 import pytest
 
-from conftest import free_port, require, wait_until
+from conftest import dnsmasq_serving, free_port, wait_until
 from mailrelay.config.loader import ConfigError
 from mailrelay_plugins.dnsbl.lookup import AnswerCache, ListAnswer, client_address, query_name
 from mailrelay_plugins.dnsbl.settings import DnsblSettings, parse_spec
@@ -61,7 +60,6 @@ def blackhole() -> Iterator[tuple[str, int]]:
 
 @pytest.fixture(scope="module")
 def lists(tmp_path_factory, blackhole, dns_servfail) -> Iterator[Lists]:
-    dnsmasq = require("dnsmasq")
     workdir = tmp_path_factory.mktemp("dnsbl-dns")
     port = free_port()
     records = [
@@ -77,27 +75,9 @@ def lists(tmp_path_factory, blackhole, dns_servfail) -> Iterator[Lists]:
         # clean.test: no records, so NXDOMAIN (not listed) for every address
     ]
     log = workdir / "queries.log"
-    proc = subprocess.Popen([dnsmasq, "-k", "-C", "/dev/null", f"--port={port}", "--listen-address=127.0.0.1",
-                             "--bind-interfaces", "--no-resolv", "--no-hosts", "--local=/test/",
-                             "--local-ttl=300", "--user=root", f"--pid-file={workdir}/dnsmasq.pid",
-                             "--log-queries", f"--log-facility={log}", *records],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers, resolver.port, resolver.lifetime = ["127.0.0.1"], port, 0.5
-    end = time.monotonic() + 15
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"dnsmasq exited with {proc.returncode}")
-        try:
-            resolver.resolve("1.0.0.127.zen.test", "A")
-            break
-        except Exception:
-            if time.monotonic() > end:
-                pytest.fail("dnsmasq did not answer within 15 s")
-            time.sleep(0.05)
-    yield Lists("127.0.0.1", port, log)
-    proc.terminate()
-    proc.wait(10)
+    with dnsmasq_serving(workdir, port, records, probe="1.0.0.127.zen.test",
+                         options=["--local-ttl=300", "--log-queries", f"--log-facility={log}"]):
+        yield Lists("127.0.0.1", port, log)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import smtplib
 import stat
 import sys
 from pathlib import Path
@@ -13,14 +12,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import wait_until
+from conftest import submit, wait_until
 from mailrelay.spool import Envelope
 from mailrelay_plugins.filters.mailbox import mailbox_problem
 from mailrelay_sdk import Recipient, Verdict, hookimpl
 
 BODY = b"Subject: for the mailbox\r\n\r\nhello mailbox\r\n"
-
-
 
 
 def marker(tmp_path: Path, mailboxes: dict[str, str]) -> str:
@@ -44,14 +41,9 @@ open(path, "wb").write("\\r\\n".join(out).encode())
     return str(script)
 
 
-def send(port: int, recipients: list[str], body: bytes = BODY) -> tuple[int, bytes]:
+def send(port: int, recipients: list[str], body: bytes = BODY) -> tuple[int, str]:
     """One transaction; the reply to the end of DATA."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-        client.ehlo()
-        client.mail("sender@example.test")
-        for rcpt in recipients:
-            assert client.rcpt(rcpt)[0] == 250
-        return client.data(body)
+    return submit(port, body, sender="sender@example.test", recipients=recipients)
 
 
 def spool_messages(spool: Path) -> dict[str, Envelope]:

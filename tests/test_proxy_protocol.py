@@ -10,10 +10,9 @@ import subprocess
 from pathlib import Path
 from typing import Iterator
 
-import dns.resolver
 import pytest
 
-from conftest import free_port, require, wait_for_port, wait_until
+from conftest import dnsmasq_serving, free_port, require, wait_for_port, wait_until
 from mailrelay.config.loader import ConfigError
 from smtpwire import Wire
 
@@ -94,29 +93,12 @@ def test_trusted_proxies_must_be_addresses_or_networks(inprocess_relay):
 @pytest.fixture(scope="module")
 def block_list(tmp_path_factory) -> Iterator[str]:
     """dnsmasq serving zen.test, which lists 203.0.113.9 and 127.0.0.5; ``host:port``."""
-    dnsmasq = require("dnsmasq")
     workdir = tmp_path_factory.mktemp("proxy-dnsbl")
     port = free_port()
-    proc = subprocess.Popen(
-        [dnsmasq, "-k", "-C", "/dev/null", f"--port={port}", "--listen-address=127.0.0.1", "--bind-interfaces",
-         "--no-resolv", "--no-hosts", "--local=/test/", "--user=root", f"--pid-file={workdir}/dnsmasq.pid",
-         "--host-record=9.113.0.203.zen.test,127.0.0.2", "--txt-record=9.113.0.203.zen.test,Listed for tests",
-         "--host-record=5.0.0.127.zen.test,127.0.0.2", "--txt-record=5.0.0.127.zen.test,Listed for tests"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers, resolver.port, resolver.lifetime = ["127.0.0.1"], port, 0.5
-
-    def answering() -> bool:
-        assert proc.poll() is None, f"dnsmasq exited with {proc.returncode}"
-        try:
-            resolver.resolve("9.113.0.203.zen.test", "A")
-            return True
-        except Exception:
-            return False
-    wait_until(answering, what="dnsmasq")
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
+    records = ["--host-record=9.113.0.203.zen.test,127.0.0.2", "--txt-record=9.113.0.203.zen.test,Listed for tests",
+               "--host-record=5.0.0.127.zen.test,127.0.0.2", "--txt-record=5.0.0.127.zen.test,Listed for tests"]
+    with dnsmasq_serving(workdir, port, records, probe="9.113.0.203.zen.test"):
+        yield f"127.0.0.1:{port}"
 
 
 def test_the_dnsbl_looks_up_the_address_from_a_v1_header(inprocess_relay, block_list):

@@ -234,8 +234,10 @@ class QueueRunner:
             self.stop_scanning()
         if verdict.rescan:
             self.wake()
-        # A filter that rewrote the envelope replaced the file the claim's lock is on.
-        _quietly(claimed.relock)
+        if message.envelope is not envelope:
+            # A filter edited the envelope, perhaps by renaming a new file over the one the claim
+            # locks: lock the file that is there now.
+            _quietly(claimed.relock)
         if verdict.action is FilterAction.ABANDON:
             # E-MailRelay: the filter has dealt with the message (usually deleted it). What it left
             # goes back to the queue untouched and is looked at again on the next scan.
