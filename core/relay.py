@@ -42,6 +42,7 @@ class Relay:
         self.smtp: SmtpServer | None = None
         self.listeners: list[Any] = []
         self.queue: QueueRunner | None = None
+        self.reception = Reception(self)  # SMTP sessions and injected messages (mailrelay.inject)
         self._started = False
         self._stopped = asyncio.Event()  # binds to the running loop on first use
 
@@ -102,7 +103,7 @@ class Relay:
                 if not self.settings.queue.as_client:
                     self.queue.start()
             if self.smtp_sockets:
-                self.smtp = SmtpServer(Reception(self), self.settings.smtp, self.domain, self.smtp_sockets,
+                self.smtp = SmtpServer(self.reception, self.settings.smtp, self.domain, self.smtp_sockets,
                                        on_disconnect=self._client_disconnected)
                 await self.smtp.start()
         except BaseException:
