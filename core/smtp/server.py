@@ -49,6 +49,7 @@ class SmtpServer:
         self.sockets = sockets
         self.on_disconnect = on_disconnect
         self.sessions: set[RelaySMTP] = set()
+        self.connections_total = 0  # accepted since start, refused ones included (metrics)
         self.per_client: collections.Counter[str] = collections.Counter()
         server = reception.relay.settings.server
         self.proxy_protocol = server.proxy_protocol
@@ -89,6 +90,7 @@ class SmtpServer:
     def session_started(self, protocol: RelaySMTP) -> str | None:
         """Count a new connection; the reply that refuses it when over ``max_connections``."""
         self.sessions.add(protocol)
+        self.connections_total += 1
         self._idle.clear()
         limit = self.settings.max_connections
         if limit and len(self.sessions) > limit:

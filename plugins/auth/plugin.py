@@ -232,7 +232,6 @@ class AuthPlugin:
             self.throttle.succeeded(session.peer_ip, username)
             log.info("session=%s client=%s authenticated user=%s mechanism=%s", session.id, session.peer_ip,
                      _quoted(username), mechanism)
-            self._emit("auth.succeeded", session, mechanism, username)
             return AUTH_OK
         if outcome.temporary:
             self.throttle.withdrawn(session.peer_ip, username, decision)
@@ -251,9 +250,3 @@ class AuthPlugin:
         log.warning("session=%s client=%s auth failed user=%s mechanism=%s reason=%s failures=%d "
                     "throttle_key=%s", session.id, session.peer_ip, _quoted(username), mechanism,
                     _quoted(reason), failures, client_key(session.peer_ip))
-        self._emit("auth.failed", session, mechanism, username, reason=reason, failures=failures)
-
-    def _emit(self, name: str, session: Session, mechanism: str, username: str, **data: Any) -> None:
-        if self._relay is not None:
-            self._relay.emit(name, session=session.id, client=session.peer_ip, user=username,
-                             mechanism=mechanism, **data)
