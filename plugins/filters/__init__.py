@@ -2,8 +2,9 @@
 
 Each kind is its own plugin that claims schemes through ``relay_filter_factory``: ``filter-program``
 (plain paths and ``pipe:``), ``filter-builtin`` (``exit:``, ``msgid:``, ``split:``, ``mx:``),
-``filter-net``, ``filter-spam``, ``filter-so``, ``filter-mailbox`` (``copy:``, ``deliver:``) and
-``filter-archive``. Configuring a filter enables the chain and the kinds its specs name.
+``filter-net``, ``filter-spam``, ``filter-so``, ``filter-mailbox`` (``copy:``, ``deliver:``),
+``filter-archive`` and ``filter-milter``. Configuring a filter enables the chain and the kinds
+its specs name.
 """
 
 # Built-in scheme -> the plugin that claims it; configuring a spec enables that plugin.
@@ -15,4 +16,5 @@ BUILTIN_SCHEMES: dict[str, str] = {
     "so": "filter-so",
     "copy": "filter-mailbox", "deliver": "filter-mailbox",
     "archive": "filter-archive",
+    "milter": "filter-milter",
 }
