@@ -6,7 +6,9 @@ of the arguments by name. Implementations may be plain functions or coroutines.
 
 How the core calls them (not pluggy's default order):
 
-* Plugins run in the order the operator enabled them (``--plugins a,b`` or ``[plugins] enable``).
+* Plugins run in the order the operator enabled them (``--plugins a,b`` or ``[plugins] enable``);
+  an implementation marked ``@hookimpl(tryfirst=True)`` or ``(trylast=True)`` runs before or
+  after all the others whatever that order.
 * *Decision hooks* (``on_connect`` .. ``on_receive``) stop at the first decisive verdict: any
   :class:`~mailrelay.types.Verdict` other than ``CONT``; ``None`` means ``CONT``.
 * Each call has a time limit (``[plugins] hook_timeout``). A plugin that raises, overruns, or
@@ -34,7 +36,10 @@ PROJECT = "mailrelay"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-#: Bumped when a hook's signature or meaning changes incompatibly.
+#: Bumped when a hook's signature or meaning changes incompatibly. A plugin may declare the version
+#: it was written for (``hookspec_version = 1``) and the mailrelay versions it needs
+#: (``requires_core = ">=0.2"`` when it uses a hook added in 0.2); the plugin host refuses a plugin
+#: whose declaration this core does not meet, at start-up and before registering any of it.
 HOOKSPEC_VERSION = 1
 
 
@@ -174,7 +179,9 @@ def relay_listeners(relay: Relay) -> list[Any] | None:
     """Return extra servers to run in the relay's event loop (POP3, admin HTTP).
 
     Each object has ``async start()`` and ``async stop()``; the core starts them after
-    ``relay_startup`` and stops them on shutdown.
+    ``relay_startup`` and stops them on shutdown. A server that socket activation may feed takes
+    its sockets with ``relay.inherited_sockets(name)`` by ``start()`` at the latest, and binds
+    with :func:`mailrelay.net.bind` (addresses, ``fd#N``, Unix socket paths).
     """
 
 

@@ -170,6 +170,10 @@ def check_config_command(ctx: click.Context, file: str | None) -> None:
 
 from .queue import queue_group  # noqa: E402  (it uses load and CONFIG_OPTION from above)
 cli.add_command(queue_group)
+from .submit import submit_command  # noqa: E402  (likewise)
+cli.add_command(submit_command)
+from .newplugin import new_plugin_command  # noqa: E402
+cli.add_command(new_plugin_command)
 
 
 # ---------------------------------------------------------------- E-MailRelay options file

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import pluggy
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import Version
 
-from .. import hookspecs
+from .. import __version__, hookspecs
 
 log = logging.getLogger("mailrelay.plugins")
 
@@ -60,6 +62,33 @@ def _dist_of(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
     return dist.metadata["Name"] or "?", dist.version or "?"
 
 
+def check_compatible(obj: Any, name: str, described: str | None = None) -> None:
+    """Refuse a plugin written for another core: raise :class:`PluginError` naming both versions.
+
+    A plugin (module, class or object) may declare ``requires_core``, a PEP 440 specifier for
+    the mailrelay version (``">=0.2"``: it uses a hook added in 0.2), and ``hookspec_version``,
+    the :data:`~mailrelay.hookspecs.HOOKSPEC_VERSION` it was written for (that number changes
+    only with an incompatible change to the hooks, so it must be equal).
+    """
+    described = described or f"plugin {name!r}"
+    requires = getattr(obj, "requires_core", None)
+    if requires is not None:
+        try:
+            specifier = SpecifierSet(str(requires))
+        except InvalidSpecifier:
+            raise PluginError(f"{described} declares requires_core = {requires!r}, which is not a version "
+                              "specifier such as \">=0.2\"") from None
+        if not specifier.contains(Version(__version__), prereleases=True):
+            raise PluginError(f"{described} needs mailrelay {specifier}; this is mailrelay {__version__}: "
+                              "upgrade mailrelay, or install a version of the plugin made for this one")
+    wanted = getattr(obj, "hookspec_version", None)
+    if wanted is not None and wanted != hookspecs.HOOKSPEC_VERSION:
+        raise PluginError(f"{described} was written for hook spec version {wanted}; mailrelay {__version__} "
+                          f"implements hook spec version {hookspecs.HOOKSPEC_VERSION}: install a version of "
+                          "the plugin made for it" + (", or upgrade mailrelay" if isinstance(wanted, int)
+                                                       and wanted > hookspecs.HOOKSPEC_VERSION else ""))
+
+
 class PluginHost:
     """Owns the pluggy manager and knows which plugins are enabled, in which order."""
 
@@ -95,8 +124,10 @@ class PluginHost:
         """Register an object as a plugin (tests and embedders use this directly).
 
         An entry point may name a module, an object, or a class; a class is instantiated here,
-        so each relay gets its own plugin state.
+        so each relay gets its own plugin state. A plugin that declares another core or hook
+        spec version (:func:`check_compatible`) is refused before any part of it is registered.
         """
+        check_compatible(obj, name, self._describe(name))
         if inspect.isclass(obj):
             try:
                 obj = obj()
@@ -107,11 +138,22 @@ class PluginHost:
         except (ValueError, pluggy.PluginValidationError) as e:
             raise PluginError(f"plugin {name!r} is invalid: {e}") from e
         self.order.append(name)
+        unknown = sorted(c.name for c in self.pm.get_hookcallers(obj) or () if c.spec is None)
+        if unknown:  # pluggy accepts them silently; they would never be called
+            log.warning("plugin %r implements hooks this mailrelay %s does not have: %s (written for a "
+                        "newer mailrelay?)", name, __version__, ", ".join(unknown))
         # A plugin may name plugins it needs (``requires = ["filter-program", ...]``); they are
         # enabled right after it, unless the operator enabled them already.
         requires = getattr(obj, "requires", ())
         if requires:
             self.enable([r for r in requires if r not in self.order])
+
+    def _describe(self, name: str) -> str:
+        ep = self._available.get(name)
+        if ep is None:
+            return f"plugin {name!r}"
+        package, version = _dist_of(ep)
+        return f"plugin {name!r} ({package} {version})"
 
     def hooks_of(self, name: str) -> tuple[str, ...]:
         plugin = self.pm.get_plugin(name)
