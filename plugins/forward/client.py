@@ -4,25 +4,35 @@ One transaction per message: MAIL (with SIZE, BODY=8BITMIME and SMTPUTF8 as the 
 the server offers), RCPT per recipient with each reply kept, DATA for the accepted ones. STARTTLS
 is used when offered (required with ``tls = "required"``). A destination that refuses the
 connection or drops it is a temporary failure; with MX routing the next host is tried.
+
+Each :class:`Hop` says how much TLS it needs (:class:`TlsRequirement`): the ``[forward] tls``
+setting by default, secured as the ``--client-tls...`` options say (``client_tls.py``: implicit
+TLS, a client certificate, verification, SNI); for MX hosts MTA-STS may demand a certificate
+that verifies for the host name and DANE one that matches its TLSA records (see ``security.py``).
+A hop may go through a SOCKS proxy (``socks.py``). Logging in is ``client_auth.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import ipaddress
 import logging
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import aiosmtplib
 
-from mailrelay.cram_md5 import cram_md5_response
 from mailrelay.secrets import Secret
 from mailrelay_sdk import DeliveryResult, Message, Recipient
 
+from . import dane
+from .client_auth import MechanismPreference, authenticate
+from .client_tls import ClientTls, build_context, name_problem, open_socket
+from .hop import DEFAULT_TLS, SECURITY_STATUS, Hop, HopError, TlsRequirement
 from .pipelining import pipelined_transaction
+from .socks import SocksError, open_through
+
+__all__ = ["ClientOptions", "SmtpClient", "Hop", "HopError", "TlsRequirement", "DEFAULT_TLS"]
 
 log = logging.getLogger("mailrelay.forward")
 
@@ -36,22 +46,14 @@ class ClientOptions:
     response_timeout: float = 60.0
     client_interface: str = ""
     tls: str = "opportunistic"      # "opportunistic", "required" or "off"
-    tls_verify: bool = False
+    tls_setup: ClientTls = ClientTls()  # how: implicit TLS, client certificate, verification, SNI
     connections_per_destination: int = 4
     all_or_nothing: bool = False    # --forward-to-all: one refused recipient fails the message
     pipelining: bool = True         # pipeline MAIL/RCPT/DATA when the server offers PIPELINING
     accounts: dict[str, Secret] = field(default_factory=dict)  # --client-auth: client lines by selector
-
-
-class HopError(Exception):
-    """The destination could not be used at all (connect, greeting, EHLO, TLS): try the next one."""
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+    auth_preference: MechanismPreference = MechanismPreference()  # --client-auth-config
+    ca_file: str = ""               # [mta_sts] ca_file: trusted besides the system's CAs for "verify"
+    strict_tls: bool = False        # MTA-STS or DANE on: build their TLS contexts at start-up
 
 
 def _status(code: int) -> str:
@@ -63,11 +65,11 @@ def _reply_text(message: str) -> str:
 
 
 class Destination:
-    """Idle connections and a concurrency limit for one host:port and client account (a
-    connection is authenticated as one account, so accounts do not share connections)."""
+    """Idle connections and a concurrency limit for one hop and client account (a connection
+    is authenticated as one account, and secured for one requirement, so neither is shared)."""
 
-    def __init__(self, host: str, port: int, limit: int, account: Secret | None):
-        self.host, self.port, self.account = host, port, account
+    def __init__(self, hop: Hop, limit: int, account: Secret | None):
+        self.hop, self.account = hop, account
         self.idle: list[tuple[float, aiosmtplib.SMTP]] = []
         self.slots = asyncio.Semaphore(limit)
 
@@ -75,20 +77,41 @@ class Destination:
 class SmtpClient:
     def __init__(self, options: ClientOptions):
         self.options = options
-        self._destinations: dict[tuple[str, int], Destination] = {}
-        # One context for every connection: building one loads the CA store (~30 ms of CPU).
+        self._destinations: dict[tuple[Hop, str], Destination] = {}
+        # One context per kind for every connection, built here (blocking: the plugin calls this in
+        # a worker thread): loading a CA store takes ~30 ms of CPU, and a bad file is a start-up error.
+        setup = options.tls_setup
         self._tls_context: ssl.SSLContext | None = None
         if options.tls != "off":
-            self._tls_context = ssl.create_default_context()
-            if not options.tls_verify:  # opportunistic TLS: encrypt even without a verifiable certificate
-                self._tls_context.check_hostname = False
-                self._tls_context.verify_mode = ssl.CERT_NONE
+            # Without verification: encrypt even without a verifiable certificate (opportunistic TLS).
+            self._tls_context = build_context(setup, verify=setup.verifies, ca=setup.ca)
+        self._contexts: dict[str, ssl.SSLContext] = {}
+        if options.strict_tls:
+            self._context("verify")
+            self._context("encrypt")
 
-    def _destination(self, host: str, port: int, selector: str) -> Destination:
-        key = (host, port, selector)
+    def _context(self, level: str) -> ssl.SSLContext:
+        """The context for ``encrypt``/``dane`` (no PKIX check: DANE checks TLSA itself) or ``verify``."""
+        level = "verify" if level == "verify" else "encrypt"
+        if level not in self._contexts:
+            self._contexts[level] = build_context(
+                self.options.tls_setup, verify=level == "verify", extra_ca=self.options.ca_file,
+                check_hostname=level == "verify")
+        return self._contexts[level]
+
+    def _tls_for(self, hop: Hop) -> tuple[ssl.SSLContext, str]:
+        """The context for ``hop``'s handshake and the server name sent in it (SNI)."""
+        need = hop.tls
+        if need.level == "default":
+            assert self._tls_context is not None
+            return self._tls_context, self.options.tls_setup.server_name or hop.name or hop.host
+        return self._context(need.level), need.name or hop.host
+
+    def _destination(self, hop: Hop, selector: str) -> Destination:
+        key = (hop, selector)
         if key not in self._destinations:
             account = self.options.accounts.get(selector)
-            self._destinations[key] = Destination(host, port, self.options.connections_per_destination,
+            self._destinations[key] = Destination(hop, self.options.connections_per_destination,
                                                   account if account is not None and account.authenticates else None)
         return self._destinations[key]
 
@@ -98,69 +121,112 @@ class SmtpClient:
             return f"4.7.0 no 'client' line with account selector {selector!r} in the --client-auth file"
         return ""
 
-    async def _connect(self, host: str, port: int, account: Secret | None) -> aiosmtplib.SMTP:
+    @property
+    def _implicit_tls(self) -> bool:
+        return self.options.tls_setup.connection and self.options.tls != "off"
+
+    async def _connect(self, hop: Hop, account: Secret | None) -> aiosmtplib.SMTP:
         opts = self.options
+        sock = None
+        if hop.proxy is not None:
+            try:
+                sock = await open_through(hop.proxy, hop.host, hop.port, timeout=opts.connection_timeout,
+                                          local_address=opts.client_interface)
+            except SocksError as e:
+                raise HopError(str(e)) from None
+        hostname, context = hop.host, self._tls_context
+        if self._implicit_tls:
+            # aiosmtplib sends its hostname as the server name; a socket of our own lets that be the
+            # SNI name while the connection goes to the hop's address.
+            context, hostname = self._tls_for(hop)
+            sock = sock or await open_socket(hop, opts.connection_timeout, opts.client_interface)
         client = aiosmtplib.SMTP(
-            hostname=host, port=port, local_hostname=opts.helo, timeout=opts.connection_timeout,
-            source_address=(opts.client_interface, 0) if opts.client_interface else None,
-            start_tls=False, validate_certs=opts.tls_verify, tls_context=self._tls_context)
+            hostname=hostname, port=None if sock else hop.port, sock=sock, local_hostname=opts.helo,
+            timeout=opts.connection_timeout,
+            source_address=(opts.client_interface, 0) if opts.client_interface and not sock else None,
+            use_tls=self._implicit_tls, start_tls=False, validate_certs=False, tls_context=context)
         try:
-            await client.connect()
+            try:
+                await client.connect()
+            except aiosmtplib.SMTPConnectError as e:
+                if isinstance(e.__cause__, ssl.SSLError):
+                    raise self._tls_error(hop, e.__cause__) from None
+                raise
             await client.ehlo(timeout=opts.response_timeout)
-            if opts.tls != "off" and client.supports_extension("starttls"):
-                await client.starttls(timeout=opts.response_timeout)
-                await client.ehlo(timeout=opts.response_timeout)  # RFC 3207: extensions may change
-            elif opts.tls == "required":
-                raise HopError(f"{host}:{port} does not offer STARTTLS and TLS is required")
+            if self._implicit_tls:
+                self._check_peer(client, hop, hostname)
+            else:
+                await self._starttls(client, hop)
             if account is not None:
-                await self._authenticate(client, host, port, account)
+                await authenticate(client, hop, account, opts.auth_preference, opts.response_timeout)
         except HopError:
             client.close()
             raise
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as e:
             client.close()
-            raise HopError(f"{host}:{port}: {type(e).__name__}: {e}") from None
+            raise HopError(f"{hop}: {type(e).__name__}: {e}") from None
+        finally:
+            if sock is not None and not client.is_connected:
+                sock.close()  # aiosmtplib owns it once connected; before that, nobody else closes it
         return client
 
-    async def _authenticate(self, client: aiosmtplib.SMTP, host: str, port: int, account: Secret) -> None:
-        encrypted = client.get_transport_info("sslcontext") is not None
-        if not encrypted and not _is_loopback(host):
-            # A password never crosses the network in clear text.
-            raise HopError(f"{host}:{port}: not sending credentials without TLS (the server offered no "
-                           "STARTTLS, or tls = \"off\")")
-        if not client.supports_extension("auth"):
-            raise HopError(f"{host}:{port} does not offer AUTH, but --client-auth is configured")
-        # One mechanism, the best offered: a wrong password is one failed attempt at the server,
-        # not one per mechanism (which trips lockouts). A hashed secret can only do CRAM-MD5.
-        offered = [m.lower() for m in client.server_auth_methods]
-        usable = ("cram-md5",) if account.kind == "md5" else ("plain", "login", "cram-md5")
-        mechanism = next((m for m in usable if m in offered), None)
-        if mechanism is None:
-            raise HopError(f"{host}:{port} offers no AUTH mechanism this account can use "
-                           f"({', '.join(m.upper() for m in usable)}): {' '.join(offered) or 'none'}")
-        try:
-            if account.kind == "md5":
-                await self._cram_md5(client, account)
-            else:
-                method = getattr(client, f"auth_{mechanism.replace('-', '')}")
-                await method(account.name, account.secret, timeout=self.options.response_timeout)
-        except aiosmtplib.SMTPAuthenticationError as e:
-            raise HopError(f"{host}:{port}: authentication failed: {e.code} {_reply_text(e.message)}") from None
+    def _tls_error(self, hop: Hop, e: ssl.SSLError) -> HopError:
+        """A failed handshake, with what was being checked."""
+        need = hop.tls
+        if need.level != "default":
+            if isinstance(e, ssl.SSLCertVerificationError):
+                return HopError(f"{hop}: the certificate does not verify for {need.name} as the {need.source} "
+                                f"requires: {e.verify_message or e.reason}", SECURITY_STATUS)
+            return HopError(f"{hop}: TLS failed ({need.source}): {e}", SECURITY_STATUS)
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return HopError(f"{hop}: the server certificate does not verify against the CAs of "
+                            f"{self.options.tls_setup.describe()}: {e.verify_message or e.reason}",
+                            SECURITY_STATUS)
+        return HopError(f"{hop}: TLS handshake failed: {e.reason or e}", SECURITY_STATUS)
 
-    async def _cram_md5(self, client: aiosmtplib.SMTP, account: Secret) -> None:
-        """RFC 2195 with E-MailRelay's hashed secret (aiosmtplib's CRAM-MD5 needs the password)."""
-        timeout = self.options.response_timeout
-        reply = await client.execute_command(b"AUTH", b"CRAM-MD5", timeout=timeout)
-        if reply.code != 334:
-            raise aiosmtplib.SMTPAuthenticationError(reply.code, reply.message)
+    def _check_peer(self, client: aiosmtplib.SMTP, hop: Hop, server_name: str) -> None:
+        """After the handshake: the name ``--client-tls-verify-name`` (or ``tls_verify``) asks for,
+        and a DANE hop's TLSA match."""
+        need = hop.tls
+        if need.level == "dane":
+            ssl_object = client.get_transport_info("ssl_object")
+            chain = dane.peer_chain(ssl_object) if ssl_object is not None else []
+            problem = dane.check_certificate(chain, need.tlsa, (need.name, *need.extra_names))
+            if problem:
+                raise HopError(f"{hop}: certificate rejected by the {need.source}: {problem}", SECURITY_STATUS)
+            return
+        name = self.options.tls_setup.name_to_check(server_name) if need.level == "default" else ""
+        if name:
+            problem = name_problem(client.get_transport_info("peercert"), name)
+            if problem:
+                raise HopError(f"{hop}: the server certificate is not for {name}: {problem}", SECURITY_STATUS)
+
+    async def _starttls(self, client: aiosmtplib.SMTP, hop: Hop) -> None:
+        """STARTTLS as the hop requires, then the certificate checks its requirement asks for."""
+        need, timeout = hop.tls, self.options.response_timeout
+        if need.level == "default":
+            if self.options.tls == "off" or not client.supports_extension("starttls"):
+                if self.options.tls == "required":
+                    raise HopError(f"{hop} does not offer STARTTLS and TLS is required")
+                return
+        elif not client.supports_extension("starttls"):
+            raise HopError(f"{hop} does not offer STARTTLS, which the {need.source} requires", SECURITY_STATUS)
+        context, server_name = self._tls_for(hop)
         try:
-            challenge = base64.b64decode(reply.message.strip(), validate=True)
-        except ValueError:
-            raise aiosmtplib.SMTPAuthenticationError(reply.code, "malformed CRAM-MD5 challenge") from None
-        reply = await client.execute_command(cram_md5_response(account.name, account, challenge).encode("ascii"),
-                                             timeout=timeout)
-        if reply.code != 235:
-            raise aiosmtplib.SMTPAuthenticationError(reply.code, reply.message)
+            await client.starttls(server_hostname=server_name, tls_context=context, timeout=timeout)
+        except ssl.SSLError as e:
+            raise self._tls_error(hop, e) from None
+        except aiosmtplib.SMTPServerDisconnected as e:  # e.g. the server's alert for a version it refuses
+            cause = e.__cause__
+            raise (self._tls_error(hop, cause) if isinstance(cause, ssl.SSLError) else
+                   HopError(f"{hop}: TLS handshake failed{f' ({need.source})' if need.source else ''}: {e}",
+                            SECURITY_STATUS)) from None
+        except aiosmtplib.SMTPException as e:
+            if need.level == "default":
+                raise
+            raise HopError(f"{hop}: TLS failed ({need.source}): {e}", SECURITY_STATUS) from None
+        self._check_peer(client, hop, server_name)
+        await client.ehlo(timeout=timeout)  # RFC 3207: extensions may change
 
     async def _checkout(self, dest: Destination) -> aiosmtplib.SMTP:
         now = time.monotonic()
@@ -169,37 +235,54 @@ class SmtpClient:
             if client.is_connected and now - since < IDLE_LIMIT:
                 return client
             client.close()
-        return await self._connect(dest.host, dest.port, dest.account)
+        return await self._connect(dest.hop, dest.account)
 
-    async def send(self, hosts: list[tuple[str, int]], message: Message,
+    async def send(self, hops: list[Hop] | list[tuple[str, int]], message: Message,
                    recipients: list[Recipient]) -> list[DeliveryResult]:
-        """Try ``hosts`` in order until one takes the transaction; one result per recipient."""
+        """Try ``hops`` in order until one takes the transaction; one result per recipient.
+
+        A hop whose requirement is only being tested (MTA-STS ``testing``) and fails it is logged
+        and tried again without the requirement."""
         selector = message.envelope.client_account_selector
         problem = self.account_problem(selector)
         if problem:
             return [DeliveryResult(r, "temp", 451, problem) for r in recipients]
-        last_error = "no destination"
-        for host, port in hosts:
-            dest = self._destination(host, port, selector if selector in self.options.accounts else "")
-            async with dest.slots:
-                try:
-                    client = await self._checkout(dest)
-                except HopError as e:
-                    last_error = str(e)
-                    log.info("id=%s cannot use %s:%d: %s", message.id, host, port, e)
+        last_error = HopError("no destination")
+        for hop in hops:
+            hop = hop if isinstance(hop, Hop) else Hop(*hop)
+            try:
+                return await self._send_via(hop, selector, message, recipients)
+            except HopError as e:
+                last_error = e
+                if not (hop.tls.testing and e.status == SECURITY_STATUS):  # a dead host stays dead
+                    log.info("id=%s cannot use %s: %s", message.id, hop, e)
                     continue
-                try:
-                    results = await self._transaction(client, message, recipients)
-                except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError,
-                        asyncio.TimeoutError) as e:
-                    client.close()
-                    last_error = f"{host}:{port}: connection lost: {e}"
-                    continue
-                if client.is_connected:
-                    dest.idle.append((time.monotonic(), client))
-                return [DeliveryResult(r.recipient, r.status, r.code, r.text + f" (from {host}:{port})")
-                        if r.status != "ok" else r for r in results]
-        return [DeliveryResult(r, "temp", 451, f"4.4.1 {last_error}") for r in recipients]
+                log.warning("id=%s %s (testing mode, so delivering without it): %s", message.id,
+                            hop.tls.source, e)
+            try:
+                return await self._send_via(replace(hop, tls=TlsRequirement(name=hop.name)), selector,
+                                            message, recipients)
+            except HopError as e:
+                last_error = e
+                log.info("id=%s cannot use %s: %s", message.id, hop, e)
+        return [DeliveryResult(r, "temp", 451, f"{last_error.status} {last_error}") for r in recipients]
+
+    async def _send_via(self, hop: Hop, selector: str, message: Message,
+                        recipients: list[Recipient]) -> list[DeliveryResult]:
+        """The transaction over one hop; HopError when the hop cannot be used."""
+        dest = self._destination(hop, selector if selector in self.options.accounts else "")
+        async with dest.slots:
+            client = await self._checkout(dest)
+            try:
+                results = await self._transaction(client, message, recipients)
+            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError,
+                    asyncio.TimeoutError) as e:
+                client.close()
+                raise HopError(f"{hop}: connection lost: {e}") from None
+            if client.is_connected:
+                dest.idle.append((time.monotonic(), client))
+            return [DeliveryResult(r.recipient, r.status, r.code, r.text + f" (from {hop})")
+                    if r.status != "ok" else r for r in results]
 
     async def _transaction(self, client: aiosmtplib.SMTP, message: Message,
                            recipients: list[Recipient]) -> list[DeliveryResult]:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
+import dns.message
 import dns.name
 import dns.resolver
 
@@ -27,6 +29,9 @@ class MailHost:
     preference: int
     name: str                   # host name in ASCII, without trailing dot; never ""
     addresses: tuple[str, ...]  # IPv4 and IPv6 addresses, in the order to try; never empty
+    # DNSSEC: the resolver set the AD bit on the MX answer (or the implicit MX's denial) and on
+    # this host's address answers. Only a resolver asked for AD (see dane.py) ever says so.
+    secure: bool = False
 
 
 class MxError(Exception):
@@ -113,7 +118,8 @@ async def resolve_mail_hosts(resolver: dns.asyncresolver.Resolver, domain: str, 
       nameservers raise :class:`DnsTemporaryError`, 4.4.3.
 
     Each lookup is bounded by the resolver's ``lifetime``; the address lookups run in parallel,
-    so the whole call takes at most about two lifetimes.
+    so the whole call takes at most about two lifetimes. ``secure`` on each host tells whether
+    its MX and address answers carried the AD bit (RFC 7672 section 2.2: DANE applies only then).
     """
     literal = _address_literal(domain)
     if literal is not None:
@@ -124,10 +130,10 @@ async def resolve_mail_hosts(resolver: dns.asyncresolver.Resolver, domain: str, 
         answer = await resolver.resolve(name, "MX")
     except dns.resolver.NXDOMAIN:
         raise NoSuchDomain(f"{shown}: no such domain (NXDOMAIN)") from None
-    except dns.resolver.NoAnswer:
+    except dns.resolver.NoAnswer as e:
         if not implicit_mx:
             raise NoMailHosts(f"{shown}: no MX records", permanent=True, status="5.1.2") from None
-        return await _implicit_mx(resolver, name)
+        return await _implicit_mx(resolver, name, _authentic(e.response()))
     except dns.exception.DNSException as e:
         raise DnsTemporaryError(f"{shown}: MX lookup failed: {e}") from e
 
@@ -140,56 +146,66 @@ async def resolve_mail_hosts(resolver: dns.asyncresolver.Resolver, domain: str, 
         raise NullMx(f"{shown} accepts no mail (null MX, RFC 7505)")
     order = sorted(preferences, key=lambda exchange: (preferences[exchange], random.random()))
     looked_up = await _lookup_addresses(resolver, order)
+    mx_secure = _authentic(answer.response)
 
-    hosts = [MailHost(preferences[exchange], exchange.to_text(omit_final_dot=True), addresses)
-             for exchange, (addresses, _) in zip(order, looked_up) if addresses]
+    hosts = [MailHost(preferences[exchange], exchange.to_text(omit_final_dot=True), addresses,
+                      mx_secure and secure)
+             for exchange, (addresses, _, secure) in zip(order, looked_up) if addresses]
     if hosts:
         return hosts
-    failures = [failure for _, failure in looked_up if failure is not None]
+    failures = [failure for _, failure, _ in looked_up if failure is not None]
     if failures:
         raise DnsTemporaryError(f"{shown}: no MX host could be resolved: {failures[0].message}")
     names = ", ".join(exchange.to_text(omit_final_dot=True) for exchange in order)
     raise NoMailHosts(f"{shown}: no MX host has an address ({names})", permanent=False, status="4.4.4")
 
 
-async def _implicit_mx(resolver: dns.asyncresolver.Resolver, name: dns.name.Name) -> list[MailHost]:
+async def _implicit_mx(resolver: dns.asyncresolver.Resolver, name: dns.name.Name,
+                       denial_secure: bool) -> list[MailHost]:
     shown = name.to_text(omit_final_dot=True)
-    [(addresses, failure)] = await _lookup_addresses(resolver, [name])
+    [(addresses, failure, secure)] = await _lookup_addresses(resolver, [name])
     if addresses:
-        return [MailHost(0, shown, addresses)]
+        return [MailHost(0, shown, addresses, denial_secure and secure)]
     if failure is not None:
         raise DnsTemporaryError(f"{shown}: no MX records, and {failure.message}")
     raise NoMailHosts(f"{shown}: neither MX nor address records", permanent=True, status="5.1.2")
 
 
+def _authentic(response: dns.message.Message | None) -> bool:
+    return response is not None and bool(response.flags & dns.flags.AD)
+
+
 async def _lookup_addresses(resolver: dns.asyncresolver.Resolver, names: list[dns.name.Name]
-                            ) -> list[tuple[tuple[str, ...], DnsTemporaryError | None]]:
-    """For each name: its addresses (maybe none), and a temporary failure if a lookup had one."""
+                            ) -> list[tuple[tuple[str, ...], DnsTemporaryError | None, bool]]:
+    """For each name: its addresses (maybe none), a temporary failure if a lookup had one, and
+    whether every address answer that has addresses was authentic (AD bit)."""
     async with asyncio.TaskGroup() as group:
         tasks = [(group.create_task(_lookup(resolver, name, "AAAA")),
                   group.create_task(_lookup(resolver, name, "A"))) for name in names]
     results = []
     for ipv6_task, ipv4_task in tasks:
-        ipv6, ipv4 = ipv6_task.result(), ipv4_task.result()
-        failure = next((r for r in (ipv6, ipv4) if isinstance(r, DnsTemporaryError)), None)
-        ipv6 = [] if isinstance(ipv6, DnsTemporaryError) else ipv6
-        ipv4 = [] if isinstance(ipv4, DnsTemporaryError) else ipv4
+        answers = ipv6_task.result(), ipv4_task.result()
+        failure = next((r for r in answers if isinstance(r, DnsTemporaryError)), None)
+        ipv6, ipv4 = ([] if isinstance(r, DnsTemporaryError) else r[0] for r in answers)
+        # A failed lookup does not make the host insecure: blocking AAAA must not switch DANE off.
+        secure = all(r[1] for r in answers if not isinstance(r, DnsTemporaryError) and r[0])
         alternating = [a for pair in zip(ipv6, ipv4) for a in pair]
         longer = ipv6 if len(ipv6) > len(ipv4) else ipv4
-        results.append((tuple(alternating + longer[len(alternating) // 2:]), failure))
+        results.append((tuple(alternating + longer[len(alternating) // 2:]), failure, secure))
     return results
 
 
 async def _lookup(resolver: dns.asyncresolver.Resolver, name: dns.name.Name, rdtype: str
-                  ) -> list[str] | DnsTemporaryError:
-    """Addresses of one type: none for NXDOMAIN or no records; a temporary failure as a value."""
+                  ) -> tuple[list[str], bool] | DnsTemporaryError:
+    """Addresses of one type and whether the answer was authentic: none for NXDOMAIN or no
+    records; a temporary failure as a value."""
     try:
         answer = await resolver.resolve(name, rdtype)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-        return []
+        return [], False
     except dns.exception.DNSException as e:
         return DnsTemporaryError(f"{rdtype} lookup of {name.to_text(omit_final_dot=True)} failed: {e}")
-    return [record.address for record in answer]
+    return [record.address for record in answer], _authentic(answer.response)
 
 
 def _address_literal(domain: str) -> str | None:
@@ -207,6 +223,11 @@ def _address_literal(domain: str) -> str | None:
     except ValueError:
         pass
     raise MxError(f"{domain!r} is not a valid address literal", permanent=True, status="5.1.3")
+
+
+def ascii_domain(domain: str) -> str:
+    """``domain`` in ASCII (IDNA 2008 A-labels), lower case, without a trailing dot; MxError if malformed."""
+    return _domain_name(domain).to_text(omit_final_dot=True).lower()
 
 
 def _domain_name(domain: str) -> dns.name.Name:

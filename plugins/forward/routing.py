@@ -1,15 +1,18 @@
 """Where a recipient goes: a fixed smarthost, DNS MX, or a per-domain table with wildcards.
 
 Table keys are domains (``example.com``), wildcards (``*.example.com`` matches subdomains only)
-or ``*`` (the default); values are ``host:port`` or ``mx``. The most specific key wins; without a
-match the ``[forward] to`` setting applies.
+or ``*`` (the default); values are ``host:port`` (``host:port@socks-host:port`` through a SOCKS
+proxy) or ``mx``. The most specific key wins; without a match the ``[forward] to`` setting applies.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 from mailrelay_sdk import Route
+
+from .socks import SocksProxy, split_proxy
 
 MX = "mx"
 
@@ -18,8 +21,13 @@ class RoutingError(ValueError):
     """A bad routing table entry (reported at start-up)."""
 
 
+# E-MailRelay's documentation writes "example.com:smtp"; these are the names a next hop could have.
+_SERVICES = {"smtp": 25, "submission": 587, "smtps": 465}
+
+
 def parse_hostport(text: str, default_port: int = 25) -> tuple[str, int]:
-    """``host``, ``host:port``, ``[v6]:port`` or ``v6`` to (host, port)."""
+    """``host``, ``host:port``, ``[v6]:port`` or ``v6`` to (host, port); the port may be a
+    number or ``smtp``, ``submission``, ``smtps``."""
     text = text.strip()
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
@@ -32,15 +40,40 @@ def parse_hostport(text: str, default_port: int = 25) -> tuple[str, int]:
         host, port_text = text, ""
     if not host:
         raise RoutingError(f"{text!r} has no host")
+    if port_text.lower() in _SERVICES:
+        return host, _SERVICES[port_text.lower()]
     if port_text and not (port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536):
         raise RoutingError(f"{text!r} has a bad port")
     return host, int(port_text) if port_text else default_port
 
 
+@dataclass(frozen=True)
+class NextHop:
+    """A smarthost: where to connect, and the SOCKS proxy to connect through (if any)."""
+
+    host: str
+    port: int
+    proxy: SocksProxy | None = None
+
+
+def parse_next_hop(text: str, default_port: int = 25) -> NextHop:
+    """``host:port`` or E-MailRelay's ``host:port@socks-host:socks-port`` (``socks4a://`` or
+    ``socks5://``, the default, may precede the proxy's address)."""
+    try:
+        target, proxy_text, version = split_proxy(text.strip())
+    except ValueError as e:
+        raise RoutingError(str(e)) from None
+    host, port = parse_hostport(target, default_port)
+    if not proxy_text:
+        return NextHop(host, port)
+    proxy_host, proxy_port = parse_hostport(proxy_text, 1080)
+    return NextHop(host, port, SocksProxy(proxy_host, proxy_port, version))
+
+
 def _target(value: str) -> Route:
     if value.strip().lower() == MX:
         return Route("mx")
-    parse_hostport(value)  # validate now, not at the first delivery
+    parse_next_hop(value)  # validate now, not at the first delivery
     return Route("smarthost", value.strip())
 
 
