@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pwd
 import signal
+import stat
 import sys
 from pathlib import Path
 from typing import Callable, TextIO
 
-from . import __version__, logs
+from . import __version__, logs, systemd
 from .config.settings import Settings
 from .net import BindError
 from .plugin_host import PluginHost
@@ -30,16 +32,79 @@ EXIT_OK, EXIT_ERROR, EXIT_BIND = 0, 1, 2
 def _absolute_paths(settings: Settings) -> None:
     # The daemon changes directory to "/": resolve relative paths against the start directory.
     settings.spool.dir = os.path.abspath(settings.spool.dir)
+    if settings.config_file:  # the admin API edits the file the daemon was started with
+        settings.config_file = os.path.abspath(settings.config_file)
     if settings.server.pid_file:
         settings.server.pid_file = os.path.abspath(settings.server.pid_file)
     if settings.log.file:
         settings.log.file = os.path.abspath(settings.log.file)
 
 
-def _check_spool_dir(path: str) -> None:
+def _check_spool_dir(path: str, user: pwd.struct_passwd | None = None) -> None:
+    created = not os.path.exists(path)
     os.makedirs(path, mode=0o770, exist_ok=True)
-    if not os.access(path, os.W_OK | os.X_OK):
+    if user is not None:
+        if created:  # ours: it belongs to the user the relay will run as
+            os.chown(path, user.pw_uid, user.pw_gid)
+        if not _writable_by(path, user):
+            raise PermissionError(f"spool directory {path} is not writable by user {user.pw_name} (--user): "
+                                  f"chown {user.pw_name} {path}")
+    elif not os.access(path, os.W_OK | os.X_OK):
         raise PermissionError(f"spool directory {path} is not writable")
+
+
+# ---------------------------------------------------------------- --user
+def _run_as(settings: Settings) -> pwd.struct_passwd | None:
+    """The account ``--user`` names, when there is a switch to make (started as root, not ``root``)."""
+    name = settings.server.user
+    if not name or name == "root":  # E-MailRelay: --user root disables switching
+        return None
+    try:
+        user = pwd.getpwnam(name)
+    except KeyError:
+        raise ValueError(f"--user {name}: no such user") from None
+    if os.geteuid() != 0:
+        if os.geteuid() != user.pw_uid:
+            log.warning("--user %s ignored: not started as root", name)
+        return None
+    if user.pw_uid == 0:
+        return None
+    return user
+
+
+def _writable_by(path: str, user: pwd.struct_passwd) -> bool:
+    """Whether ``user`` may create files in directory ``path``: it can search every directory on
+    the way and write this one (mode bits; ACLs are not read)."""
+    groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
+
+    def allowed(directory: str, write: bool) -> bool:
+        st = os.stat(directory)
+        if st.st_uid == user.pw_uid:
+            shift = 6
+        elif st.st_gid in groups:
+            shift = 3
+        else:
+            shift = 0
+        need = (stat.S_IXOTH | (stat.S_IWOTH if write else 0)) << shift
+        return st.st_mode & need == need
+
+    path = os.path.abspath(path)
+    return allowed(path, True) and all(allowed(str(p), False) for p in Path(path).parents)
+
+
+def _drop_privileges(user: pwd.struct_passwd | None, spool_dir: str) -> None:
+    """Become ``user`` for good: groups, then group, then user (the order that leaves no way back).
+    Everything that needs root (binding low ports, reading keys, the pid file) is done by now."""
+    if user is None:
+        return
+    os.initgroups(user.pw_name, user.pw_gid)
+    os.setgid(user.pw_gid)
+    os.setuid(user.pw_uid)
+    if os.getuid() != user.pw_uid or os.geteuid() != user.pw_uid:  # never carry on as root
+        raise PermissionError(f"--user {user.pw_name}: could not switch user")
+    if not os.access(spool_dir, os.W_OK | os.X_OK):
+        raise PermissionError(f"spool directory {spool_dir} is not writable by user {user.pw_name} (--user)")
+    log.info("running as user %s (uid %d, gid %d)", user.pw_name, user.pw_uid, user.pw_gid)
 
 
 def banner(relay: Relay, pid: int) -> str:
@@ -52,9 +117,13 @@ def run(settings: Settings, plugins: PluginHost, out: TextIO = sys.stdout) -> in
     """Run until SIGTERM/SIGINT; return the process exit code."""
     _absolute_paths(settings)
     logs.configure(settings.log)
-    relay = Relay(settings, plugins)
+    if settings.server.localedir:
+        log.debug("--localedir %s ignored: messages are not translated", settings.server.localedir)
+    notifier = systemd.Notifier.from_environment()  # used in the foreground only (Type=notify)
     try:
-        _check_spool_dir(settings.spool.dir)
+        user = _run_as(settings)
+        relay = Relay(settings, plugins, inherited=systemd.activated_sockets())
+        _check_spool_dir(settings.spool.dir, user)
         relay.bind()
     except BindError as e:
         print(f"relay: error: {e.strerror}", file=sys.stderr)
@@ -63,13 +132,14 @@ def run(settings: Settings, plugins: PluginHost, out: TextIO = sys.stdout) -> in
         print(f"relay: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     if settings.queue.as_client:
-        return _run_client(relay, out)
+        return _run_client(relay, out, user)
     if not settings.server.daemon:
-        return _serve(relay, settings, report=lambda msg: print(msg, file=out, flush=True))
-    return _detach_and_serve(relay, settings, out)
+        return _serve(relay, settings, report=lambda msg: print(msg, file=out, flush=True), notifier=notifier,
+                      user=user)
+    return _detach_and_serve(relay, settings, out, user)
 
 
-def _detach_and_serve(relay: Relay, settings: Settings, out: TextIO) -> int:
+def _detach_and_serve(relay: Relay, settings: Settings, out: TextIO, user: pwd.struct_passwd | None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     read_fd, write_fd = os.pipe()
@@ -99,12 +169,13 @@ def _detach_and_serve(relay: Relay, settings: Settings, out: TextIO) -> int:
         reporter.write(message)
         reporter.close()
 
-    code = _serve(relay, settings, report=lambda msg: report("ok " + msg), on_error=report)
+    code = _serve(relay, settings, report=lambda msg: report("ok " + msg), on_error=report, user=user)
     os._exit(code)
 
 
 def _close_stderr(settings: Settings) -> None:
-    if settings.log.enabled and not settings.log.file and not (settings.log.syslog and os.path.exists("/dev/log")):
+    if settings.log.enabled and not settings.log.file and not (settings.log.syslog
+                                                               and os.path.exists(settings.log.syslog_address)):
         log.warning("logging stops here: --close-stderr closes the standard error stream and there is "
                     "no --log-file or syslog")
     fd = os.open(os.devnull, os.O_WRONLY)
@@ -112,11 +183,12 @@ def _close_stderr(settings: Settings) -> None:
     os.close(fd)
 
 
-def _run_client(relay: Relay, out: TextIO) -> int:
+def _run_client(relay: Relay, out: TextIO, user: pwd.struct_passwd | None = None) -> int:
     """``--as-client``: forward everything in the spool once; exit 1 if anything is left or failed."""
 
     async def once() -> int:
         await relay.start()
+        _drop_privileges(user, str(relay.spool.directory))
         try:
             summary = await relay.forward_once()
         finally:
@@ -142,9 +214,10 @@ def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 def _serve(relay: Relay, settings: Settings, report: Callable[[str], None],
-           on_error: Callable[[str], None] | None = None) -> int:
+           on_error: Callable[[str], None] | None = None, notifier: systemd.Notifier | None = None,
+           user: pwd.struct_passwd | None = None) -> int:
     with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
-        return runner.run(_main(relay, settings, report, on_error))
+        return runner.run(_main(relay, settings, report, on_error, notifier or systemd.Notifier(None), user))
 
 
 async def _reload(relay: Relay) -> None:
@@ -157,21 +230,28 @@ async def _reload(relay: Relay) -> None:
 
 
 async def _main(relay: Relay, settings: Settings, report: Callable[[str], None],
-                on_error: Callable[[str], None] | None) -> int:
+                on_error: Callable[[str], None] | None, notifier: systemd.Notifier,
+                user: pwd.struct_passwd | None = None) -> int:
     loop = asyncio.get_running_loop()
+    pid_file = settings.server.pid_file
+    started = False
     try:
         await relay.start()
+        started = True
+        if pid_file:  # as root still: /run is root's
+            Path(pid_file).parent.mkdir(parents=True, exist_ok=True)
+            Path(pid_file).write_text(f"{os.getpid()}\n")
+        _drop_privileges(user, str(relay.spool.directory))
     except Exception as e:
+        if started:
+            await relay.stop()
         log.error("start-up failed: %s", e)
+        notifier.status(f"start-up failed: {e}")
         if on_error is not None:
             on_error(str(e))
         else:
             print(f"relay: error: {e}", file=sys.stderr)
         return EXIT_ERROR
-    pid_file = settings.server.pid_file
-    if pid_file:
-        Path(pid_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(pid_file).write_text(f"{os.getpid()}\n")
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -184,10 +264,12 @@ async def _main(relay: Relay, settings: Settings, report: Callable[[str], None],
 
     loop.add_signal_handler(signal.SIGHUP, hangup)
     report(banner(relay, os.getpid()))
+    notifier.ready(status=f"SMTP on {', '.join(relay.smtp_addresses) or '(disabled)'}")
     if settings.log.close_stderr:
         _close_stderr(settings)
     await stop.wait()
     log.info("signal received: shutting down")
+    notifier.stopping(status="shutting down")
     await asyncio.gather(*reloads, return_exceptions=True)
     await relay.stop()
     if pid_file:

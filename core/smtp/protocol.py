@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiosmtpd.smtp import SMTP
 
+from .. import logs
 from ..types import Action, Recipient, Session, Transaction, Verdict
 from .addresses import AddressError, parse_command_path
 from .auth import SmtpAuth
@@ -112,6 +113,10 @@ class RelaySMTP(SmtpTls, SmtpAuth, DataReader, CommandDeadline, ProxyHeader, SMT
                 self._refused = True
                 transport.write(refusal.encode() + b"\r\n")  # type: ignore[attr-defined]
                 transport.close()
+
+    async def _handle_client(self) -> None:
+        logs.bind_client(self.relay_session)  # this session's task: --log-address names its client
+        await super()._handle_client()
 
     def connection_lost(self, error: Exception | None) -> None:
         # Once only: after a failed TLS handshake both we and the TLS layer may report the loss.
