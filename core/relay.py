@@ -10,7 +10,7 @@ import asyncio
 import errno
 import logging
 import socket
-from typing import Any
+from typing import Any, Mapping
 
 import dns.asyncresolver
 
@@ -30,7 +30,10 @@ log = logging.getLogger("mailrelay")
 class Relay:
     """One relay instance. Life cycle: ``bind()`` (may be before a fork), ``start()``, ``stop()``."""
 
-    def __init__(self, settings: Settings, plugins: PluginHost):
+    def __init__(self, settings: Settings, plugins: PluginHost,
+                 inherited: Mapping[str, list[socket.socket]] | None = None):
+        """``inherited``: listening sockets from the service manager by listener name (``smtp``,
+        ``submission``, ``pop``, ``admin``; see :func:`mailrelay.systemd.activated_sockets`)."""
         self.settings = settings
         self.plugins = plugins
         self.hooks = HookCaller(plugins, timeout=settings.plugins.hook_timeout)
@@ -43,6 +46,8 @@ class Relay:
         self.listeners: list[Any] = []
         self.queue: QueueRunner | None = None
         self.reception = Reception(self)  # SMTP sessions and injected messages (mailrelay.inject)
+        self._inherited = {name: list(socks) for name, socks in (inherited or {}).items() if socks}
+        self._claimed: set[str] = set()
         self._started = False
         self._stopped = asyncio.Event()  # binds to the running loop on first use
 
@@ -52,22 +57,55 @@ class Relay:
         if not self.settings.smtp.enabled or self.smtp_sockets:
             return
         smtp = self.settings.smtp
-        addresses = net.addresses_for("smtp", smtp.interface, any_default=smtp.remote_clients)
+        inherited = self.inherited_sockets("smtp") + self.inherited_sockets("submission")
+        # Sockets from the service manager replace the default address; --interface may add more.
+        explicit = [item for item in smtp.interface if item.partition("=")[0] in ("smtp", item)]
+        addresses = [] if inherited and not explicit else \
+            net.addresses_for("smtp", smtp.interface, any_default=smtp.remote_clients)
+        self.smtp_sockets.extend(inherited)
+        unix_mode = int(self.settings.server.unix_socket_mode, 8)
         for address in addresses:
             try:
-                self.smtp_sockets.append(net.bind(address, smtp.port))
+                self.smtp_sockets.append(net.bind(address, smtp.port, unix_mode=unix_mode))
             except net.BindError as e:
                 # The implicit "::" of the any-address default may not exist on an IPv4-only host.
                 if not smtp.interface and address == "::" and e.errno in (errno.EAFNOSUPPORT,
                                                                         errno.EADDRNOTAVAIL):
                     continue
-                self.close_sockets()
+                self.close_sockets(remove_files=True)
+                raise
+            except ValueError:
+                self.close_sockets(remove_files=True)
                 raise
 
-    def close_sockets(self) -> None:
+    def close_sockets(self, remove_files: bool = False) -> None:
+        """Close the SMTP sockets; ``remove_files``: also the Unix socket files this process made
+        (not in a parent that hands the sockets to a daemon child)."""
         for sock in self.smtp_sockets:
             sock.close()
+            if remove_files:
+                net.remove_socket_file(sock)
         self.smtp_sockets.clear()
+
+    def inherited_sockets(self, name: str) -> list[socket.socket]:
+        """Listening sockets the service manager passed for listener ``name`` (systemd's
+        ``FileDescriptorName=``: ``smtp``, ``submission``, ``pop``, ``admin``), non-blocking and
+        close-on-exec; empty without socket activation.
+
+        The listener that serves them calls this (the POP3 server with ``"pop"``, say), which
+        claims them: sockets that nobody claimed once the listeners have started are a start-up
+        error, so that a socket unit never listens for nothing.
+        """
+        self._claimed.add(name)
+        return list(self._inherited.get(name, []))
+
+    def _check_inherited_claimed(self) -> None:
+        hints = {"smtp": "the SMTP server is disabled", "submission": "the SMTP server is disabled",
+                 "pop": "enable the POP3 server (--pop)", "admin": "enable the admin server (--admin)"}
+        for name, socks in self._inherited.items():
+            if name not in self._claimed:
+                raise ValueError(f"socket activation passed {len(socks)} socket(s) named {name!r} but nothing "
+                                 f"serves them: {hints.get(name, 'no listener takes that name')}")
 
     def plugin_settings(self, section: str) -> Any:
         """The validated settings object a plugin declared with ``relay_config_schema``."""
@@ -79,8 +117,8 @@ class Relay:
 
     @property
     def smtp_port(self) -> int:
-        """The bound SMTP port (useful when configured as 0 in tests)."""
-        return self.smtp_sockets[0].getsockname()[1] if self.smtp_sockets else 0
+        """The bound SMTP port (useful when configured as 0 in tests); 0 with Unix sockets only."""
+        return next((s.getsockname()[1] for s in self.smtp_sockets if net.is_inet(s)), 0)
 
     def emit(self, name: str, **data: Any) -> None:
         """Publish an event to ``on_event`` observers (plugins use this too)."""
@@ -98,6 +136,7 @@ class Relay:
                 for listener in result if isinstance(result, (list, tuple)) else [result]:
                     await listener.start()
                     self.listeners.append(listener)
+            self._check_inherited_claimed()
             if self.hooks.has("deliver"):
                 self.queue = QueueRunner(self)
                 if not self.settings.queue.as_client:
@@ -107,6 +146,7 @@ class Relay:
                                        on_disconnect=self._client_disconnected)
                 await self.smtp.start()
         except BaseException:
+            await self._stop_listeners()
             self.spool.close()
             raise
         self._started = True
@@ -139,21 +179,24 @@ class Relay:
             await self.smtp.stop(self.settings.smtp.shutdown_grace)
         if self.queue is not None:
             await self.queue.stop(self.settings.smtp.shutdown_grace)
-        for listener in reversed(self.listeners):
-            try:
-                await listener.stop()
-            except Exception:
-                log.exception("listener %r failed to stop cleanly", listener)
-        self.listeners.clear()
+        await self._stop_listeners()
         try:
             await self.hooks.each("relay_shutdown", relay=self)
         except Exception:
             log.exception("a plugin failed in relay_shutdown")
         await self.hooks.drain_observers()
         self.spool.close()
-        self.close_sockets()
+        self.close_sockets(remove_files=True)
         log.info("relay stopped")
         self._stopped.set()
+
+    async def _stop_listeners(self) -> None:
+        for listener in reversed(self.listeners):
+            try:
+                await listener.stop()
+            except Exception:
+                log.exception("listener %r failed to stop cleanly", listener)
+        self.listeners.clear()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

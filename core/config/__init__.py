@@ -17,7 +17,12 @@ SYSTEM_CONFIG = "/etc/mailrelay/relay.conf"
 
 # A configuration section that only one built-in plugin reads enables that plugin (in this order:
 # the address verifier runs before relay control, which trusts its "local").
-SECTION_PLUGINS = {"filters": "filters", "dnsbl": "dnsbl", "verifier": "verifier", "relay": "relay-control"}
+SECTION_PLUGINS = {"forward": "forward", "filters": "filters", "dnsbl": "dnsbl", "verifier": "verifier", "relay": "relay-control",
+                   "webhooks": "webhooks", "metrics": "metrics",
+                   "admin": "admin",
+                   "pickup": "pickup",
+                   "dkim": "dkim-sign", "arc": "dkim-sign", "mailauth": "mailauth", "spf": "mailauth",
+                   "dmarc": "mailauth"}
 # Serving remote clients without relay control would make an open relay: they come together.
 REMOTE_CLIENTS_PLUGIN = "relay-control"
 
