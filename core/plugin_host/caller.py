@@ -55,7 +55,10 @@ class HookCaller:
             rank = {name: i for i, name in enumerate(self.host.order)}
             # get_hookimpls() is in pluggy's reverse-call order; keep it as the tie-break.
             impls = list(reversed(caller.get_hookimpls()))
-            cached = sorted(impls, key=lambda impl: rank.get(impl.plugin_name, len(rank)))
+            # pluggy's own markers still place an implementation before or after all others
+            # (a DKIM signer must see the message after every filter that may edit it).
+            cached = sorted(impls, key=lambda impl: (1 if impl.trylast else -1 if impl.tryfirst else 0,
+                                                     rank.get(impl.plugin_name, len(rank))))
             self._impls[hook] = cached
         return cached
 
