@@ -139,6 +139,63 @@ def _smtp_config(raw: dict[str, Any], value: Any) -> None:
     raw.setdefault("smtp", {}).update(parse_smtp_config(value))
 
 
+def _client_tls(raw: dict[str, Any], value: Any) -> None:
+    # Not over --client-tls-required (applied first): -j -r means STARTTLS, required.
+    raw.setdefault("forward", {}).setdefault("tls", "opportunistic")
+
+
+def _client_tls_connection(raw: dict[str, Any], value: Any) -> None:
+    forward = raw.setdefault("forward", {})
+    if forward.get("tls") == "opportunistic":  # only --client-tls sets that on the command line
+        raise ConfigError("the --client-tls and --client-tls-connection options cannot be used together")
+    forward["tls_connection"] = True
+
+
+def _client_tls_certificate(raw: dict[str, Any], value: Any) -> None:
+    files = list(value)
+    if len(files) > 2:
+        raise ConfigError("the --client-tls-certificate option cannot be used more than twice")
+    raw.setdefault("forward", {}).update(
+        {"tls_key": files[0], "tls_certificate": files[1]} if len(files) == 2 else {"tls_certificate": files[0]})
+
+
+SYSLOG_FACILITIES = ("mail", "user", "daemon", *(f"local{n}" for n in range(8)))
+
+
+def _syslog(raw: dict[str, Any], value: Any) -> None:
+    """``--syslog[=FACILITY]``: applied after --no-syslog and --as-client, so it wins over them."""
+    log = raw.setdefault("log", {})
+    log["syslog"] = True
+    if value not in (True, "all", ""):
+        facility = str(value).lower()
+        if facility not in SYSLOG_FACILITIES:
+            raise ConfigError(f"--syslog: invalid facility {value!r} (use {', '.join(SYSLOG_FACILITIES[:3])} "
+                              "or local0 to local7)")
+        log["syslog_facility"] = facility
+
+
+LOG_FIELDS = ("time", "unit", "address", "port", "msgid")
+
+
+def _log_fields(*implied: str) -> Apply:
+    """``--log-format=time,address`` (repeatable) and ``--log-address``: fields added to log lines."""
+    def apply(raw: dict[str, Any], value: Any) -> None:
+        log = raw.setdefault("log", {})
+        fields = list(log.get("fields", []))
+        for name in [*(v.lower() for v in (_split_list(value) if value is not True else [])), *implied]:
+            if name not in LOG_FIELDS:
+                raise ConfigError(f"--log-format: unknown field {name!r} (known: {', '.join(LOG_FIELDS)})")
+            if name not in fields:
+                fields.append(name)
+        log["fields"] = fields
+    return apply
+
+
+def _debug(raw: dict[str, Any], value: Any) -> None:
+    log = raw.setdefault("log", {})
+    log["verbose"] = max(int(log.get("verbose", 0)), 2)  # our most verbose level
+
+
 @dataclass(frozen=True)
 class Option:
     long: str
@@ -157,7 +214,8 @@ class Option:
 OPTIONS: list[Option] = [
     Option("port", "p", "value", _set("smtp", "port"), "SMTP listening port (default 2525)", "PORT"),
     Option("interface", "I", "multi", _set("smtp", "interface", _split_list),
-           "listening addresses or interface names, comma-separated; smtp=ADDR limits one to SMTP",
+           "listening addresses or interface names, comma-separated; smtp=ADDR or pop=ADDR limits one to "
+           "that listener",
            "ADDRESS-LIST"),
     Option("spool-dir", "s", "value", _set("spool", "dir"), "spool directory", "DIR"),
     Option("domain", "D", "value", _set("server", "domain"),
@@ -258,6 +316,53 @@ OPTIONS: list[Option] = [
     Option("anonymous", "A", "optional", _anonymous,
            "say less about this relay: no VRFY, a plain greeting, no Received: header (or a "
            "comma-separated choice of vrfy, server, content, client)", "[SCOPE]"),
+    Option("pop", "B", "flag", lambda raw, v: raw.setdefault("pop3", {}),
+           "run the POP3 server (needs --pop-auth)", plugin="pop3"),
+    Option("pop-port", "E", "value", _set("pop3", "port"), "POP3 listening port (default 110)", "PORT"),
+    Option("pop-auth", "F", "value", _set("pop3", "auth"),
+           "POP3 accounts: the 'server' lines of this E-MailRelay secrets file, or pam: for PAM", "FILE"),
+    Option("pop-by-name", "J", "flag", _set("pop3", "by_name"),
+           "each POP3 user reads the mailbox named after the user in the delivery directory"),
+    Option("pop-no-delete", "G", "flag", _set("pop3", "no_delete"),
+           "POP3 DELE appears to succeed but nothing is removed"),
+    Option("pop-tls-port", None, "value", _set("pop3", "tls_port"),
+           "also serve POP3S (TLS from the first byte, as on port 995) on this port", "PORT"),
+    Option("admin", "a", "value", _set("admin", "listen"),
+           "serve the admin web UI and JSON API on this port (loopback unless --interface admin=ADDR)",
+           "PORT", plugin="admin"),
+    Option("admin-terminate", "Q", "flag", _set("admin", "terminate"),
+           "let POST /api/v1/terminate stop the relay (as SIGTERM does)", plugin="admin"),
+    Option("client-tls", "j", "flag", _client_tls,
+           "use STARTTLS to the next hop when it is offered (the default here)"),
+    Option("client-tls-connection", "b", "flag", _client_tls_connection,
+           "talk TLS to the next hop from the first byte (SMTPS, as on port 465)"),
+    Option("client-tls-certificate", None, "multi", _client_tls_certificate,
+           "PEM file with the private key and certificate chain presented to the next hop (or twice: "
+           "key file, then certificate file)", "PEM-FILE"),
+    Option("client-tls-server-name", None, "value", _set("forward", "tls_server_name"),
+           "the server name sent in the TLS handshake (SNI)", "HOSTNAME"),
+    Option("client-tls-verify", None, "value", _set("forward", "tls_ca"),
+           "verify the next hop's certificate against these CAs (a PEM file, a directory or <default>)",
+           "CA-LIST"),
+    Option("client-tls-verify-name", None, "value", _set("forward", "tls_verify_name"),
+           "the name the next hop's certificate must carry (needs --client-tls-verify)", "NAME"),
+    Option("client-auth-config", None, "value", _set("forward", "client_auth_config"),
+           "AUTH mechanisms to use with the next hop, in order of preference: m:PREFER;x:AVOID without TLS, "
+           "a:PREFER;d:AVOID under TLS (e.g. m:cram-md5,plain)", "CONFIG"),
+    Option("syslog", "k", "optional", _syslog,
+           "log to syslog even with --no-syslog or --as-client (FACILITY: mail, user, daemon, local0-7)",
+           "[FACILITY]"),
+    Option("log-format", None, "multi", _log_fields(),
+           "add fields to each log line: time, address, port, msgid (unit is accepted)", "FIELDS"),
+    Option("log-address", None, "flag", _log_fields("address"),
+           "add the client's address to each log line (--log-format=address)"),
+    Option("debug", "g", "flag", _debug, "debug-level logging with the SMTP protocol trace (as -vv)"),
+    Option("user", "u", "value", _set("server", "user"),
+           "when started as root, run as this user once listening (no default: see README)", "USERNAME"),
+    Option("localedir", None, "value", _set("server", "localedir"),
+           "accepted for compatibility: messages are not translated", "DIR"),
+    Option("hidden", "H", "flag", None, "Windows only: accepted and ignored"),
+    Option("show", None, "value", None, "Windows only: accepted and ignored", "STYLE"),
     Option("plugins", None, "multi", _set("plugins", "enable", _split_list),
            "enable plugins by name, in this order (comma-separated)", "NAMES"),
 ]

@@ -36,6 +36,9 @@ class ServerSettings:
     workers: int = 1             # reserved for SO_REUSEPORT scale-out
     proxy_protocol: bool = False  # SMTP connections start with a PROXY v1/v2 header (HAProxy send-proxy)
     trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.1", "::1"])  # who may send one
+    unix_socket_mode: str = "0660"  # permissions of Unix listening sockets (--interface /path), octal
+    user: str = ""               # --user: started as root, run as this user once listening (E-MailRelay: "daemon")
+    localedir: str = ""          # --localedir: accepted for compatibility; messages are not translated
 
     def effective_domain(self) -> str:
         return self.domain or socket.getfqdn()
@@ -94,6 +97,11 @@ class SpoolSettings:
     sync_method: Literal["syncfs", "fsync"] = "syncfs"
 
 
+LogField = Literal["time", "unit", "address", "port", "msgid"]
+SyslogFacility = Literal["mail", "user", "daemon", "local0", "local1", "local2", "local3", "local4", "local5",
+                         "local6", "local7"]
+
+
 @dataclass
 class LogSettings:
     enabled: bool = False        # --log: info-level logging (otherwise warnings and errors only)
@@ -103,6 +111,9 @@ class LogSettings:
     close_stderr: bool = False   # --close-stderr (implied by --as-server)
     time: bool = False           # --log-time
     format: Literal["text", "json"] = "text"
+    fields: list[LogField] = field(default_factory=list)  # --log-format, --log-address
+    syslog_facility: SyslogFacility = "mail"  # --syslog=FACILITY
+    syslog_address: str = "/dev/log"  # the syslog socket (tests point it at their own)
 
 
 @dataclass
@@ -205,6 +216,9 @@ def build_section(cls: type, data: Any, section: str, sources: Sources) -> Any:
         raise ConfigError(f"{sources.describe(section)}: expected a [{section}] table")
     if cls is dict:  # a free-form table (e.g. [routes]); the plugin validates the entries
         return dict(data)
+    if get_origin(cls) is dict:  # dict[str, Dataclass]: named sub-tables, [section.NAME] each
+        item = get_args(cls)[1]
+        return {str(name): build_section(item, table, f"{section}.{name}", sources) for name, table in data.items()}
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
@@ -301,6 +315,10 @@ def _check_cross_field(settings: Settings, sources: Sources) -> None:
     settings.spool.dir = str(Path(settings.spool.dir).expanduser())
     _check_tls(settings.tls, sources)
     _check_proxy(settings, sources)
+    mode = settings.server.unix_socket_mode
+    if not (mode.isdigit() and set(mode) <= set("01234567") and int(mode, 8) <= 0o777):
+        raise ConfigError(f"{sources.describe('server.unix_socket_mode')}: {mode!r} is not a file mode "
+                          "(octal, as for chmod: \"0660\")")
 
 
 def _check_proxy(settings: Settings, sources: Sources) -> None:

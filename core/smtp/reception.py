@@ -41,8 +41,8 @@ class Reception:
         if not session.is_loopback and not self.smtp.remote_clients:
             log.warning("session=%s client=%s refused: remote clients are not enabled (--remote-clients)",
                         session.id, session.peer_ip)
-            return REMOTE_REFUSED
-        return await self.hooks.decide("on_connect", session=session)
+            return self._refused("connect", session, REMOTE_REFUSED)
+        return self._refused("connect", session, await self.hooks.decide("on_connect", session=session))
 
     async def auth_mechanisms(self, session: Session) -> list[str]:
         try:
@@ -56,12 +56,13 @@ class Reception:
                    challenge: str | None, response: str | None) -> Verdict:
         verdict = await self.hooks.decide("on_auth", session=session, mechanism=mechanism, username=username,
                                           password=password, challenge=challenge, response=response)
+        # The one auth event per SMTP attempt, whichever plugin decided (POP3 and admin emit their own).
         self._event("auth.succeeded" if verdict.action is Action.OK else "auth.failed", session, "",
-                    mechanism=mechanism, username=username)
+                    mechanism=mechanism, user=username, service="smtp", reason=verdict.reason or "")
         return verdict
 
     async def helo(self, session: Session, hostname: str) -> Verdict:
-        return await self.hooks.decide("on_helo", session=session, hostname=hostname)
+        return self._refused("helo", session, await self.hooks.decide("on_helo", session=session, hostname=hostname))
 
     async def vrfy(self, session: Session, address: str) -> Verdict:
         return await self.hooks.decide("on_vrfy", session=session, address=address)
@@ -70,13 +71,13 @@ class Reception:
         verdict = await self.hooks.decide("on_mail_from", session=session, transaction=transaction,
                                           address=transaction.sender)
         _mark(transaction, verdict)
-        return verdict
+        return self._refused("mail", session, verdict, address=transaction.sender)
 
     async def rcpt_to(self, session: Session, transaction: Transaction, recipient: Recipient) -> Verdict:
         verdict = await self.hooks.decide("on_rcpt_to", session=session, transaction=transaction,
                                           recipient=recipient)
         _mark(transaction, verdict)
-        return verdict
+        return self._refused("rcpt", session, verdict, address=recipient.address)
 
     # ---------------------------------------------------------------- DATA
     async def data(self, session: Session, transaction: Transaction, body: bytes) -> str:
@@ -131,6 +132,7 @@ class Reception:
                 edited = True
 
             result = await self.hooks.filter_chain(message, "server", apply_edit=note_edit)
+            quarantine = transaction.quarantine_reason  # a filter may hold it too (a milter's quarantine)
             if result.rescan and self.relay.queue is not None:
                 self.relay.queue.wake()  # the filter made new messages (exit 102-104)
             if result.action is not FilterAction.OK:
@@ -160,11 +162,11 @@ class Reception:
 
         if not quarantine:
             self.relay.message_committed(message_id)
-            if self.relay.queue is not None and self.relay.settings.queue.immediate:
-                return await self._forward_before_acknowledging(session, message_id)
         self._event("quarantined" if quarantine else "received", session, message_id,
                     sender=transaction.sender, recipients=[r.address for r in transaction.recipients],
                     size=len(message.content), reason=quarantine)
+        if not quarantine and self.relay.queue is not None and self.relay.settings.queue.immediate:
+            return await self._forward_before_acknowledging(session, message_id)
         log.info("session=%s id=%s from=<%s> rcpts=%d size=%d%s", session.id, message_id,
                  transaction.sender, len(transaction.recipients), len(message.content),
                  f" quarantined={quarantine!r}" if quarantine else "")
@@ -180,6 +182,13 @@ class Reception:
             code, text = "451", outcome.reply
         log.info("session=%s id=%s not forwarded (--immediate): %s", session.id, message_id, outcome.reply)
         return f"{code} {text}"
+
+    def _refused(self, phase: str, session: Session, verdict: Verdict, **data: object) -> Verdict:
+        """Pass ``verdict`` on; when it refuses the command, tell observers (``smtp.rejected``)."""
+        if not verdict.accepted:
+            self._event("smtp.rejected", session, "", phase=phase, code=verdict.code,
+                        reason=verdict.reason or verdict.text, **data)
+        return verdict
 
     def _event(self, name: str, session: Session, message_id: str, **data: object) -> None:
         self.hooks.emit(Event(name, message_id=message_id, session_id=session.id,
