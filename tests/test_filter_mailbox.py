@@ -230,6 +230,13 @@ def test_copy_pop_is_refused_as_a_server_filter(relay_process):
     assert "copy:pop" in relay.log and "--client-filter" in relay.log
 
 
+def test_copy_pop_is_refused_with_a_delivery_dir_outside_the_spool(relay_process, tmp_path):
+    relay = relay_process("--client-filter", "copy:pop", "--delivery-dir", str(tmp_path / "mailboxes"),
+                          "--forward-to", "127.0.0.1:9", wait=False)
+    assert relay.proc.wait(20) != 0
+    assert "copy:pop" in relay.log and "spool sub-directories" in relay.log
+
+
 def test_unknown_option_words_stop_start_up(relay_process):
     relay = relay_process("--filter", "deliver:nodelet", wait=False)
     assert relay.proc.wait(20) != 0

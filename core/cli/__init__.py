@@ -120,12 +120,23 @@ def cli(ctx: click.Context, config: str | None, **given: Any) -> None:
     ctx.exit(daemon.run(settings, host))
 
 
-def _sub_load(ctx: click.Context, config: str | None) -> tuple[Settings, PluginHost, list[str]]:
+def _sub_load(ctx: click.Context, config: str | None, spool_dir: str | None = None
+              ) -> tuple[Settings, PluginHost, list[str]]:
     parent = ctx.find_object(dict) or {}
+    given = dict(parent.get("given", {}))
+    if spool_dir:
+        given["spool_dir"] = spool_dir
     try:
-        return load(config or parent.get("config"), parent.get("given", {}))
+        return load(config or parent.get("config"), given)
     except (ConfigError, PluginError) as e:
         raise click.ClickException(str(e)) from None
+
+
+def command_settings(ctx: click.Context, config: str | None, spool_dir: str | None = None) -> Settings:
+    """The daemon's settings for a subcommand (``relay queue``, ``relay token``, ...): the same
+    file, environment and options, so the subcommand finds the spool the daemon uses. Errors
+    become a readable ``click`` error."""
+    return _sub_load(ctx, config, spool_dir)[0]
 
 
 @cli.command("plugins")

@@ -16,14 +16,12 @@ from typing import Any, Callable, cast
 
 import click
 
-from ..config import ConfigError
 from ..config.settings import Settings
-from ..plugin_host import PluginError
 from ..queue import admin
 from ..queue.admin import QUEUE_STATES, MessageDetails, QueueAdminError, QueueEntry
 from ..queue.dsn import is_bounce
 from ..spool import Spool
-from . import CONFIG_OPTION, load
+from . import CONFIG_OPTION, command_settings
 
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 _ERROR_WIDTH = 60
@@ -37,14 +35,7 @@ def _spool_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _settings(ctx: click.Context, config: str | None, spool_dir: str | None) -> Settings:
     """The daemon's settings, so the spool directory is found exactly as the daemon finds it."""
-    parent = ctx.find_object(dict) or {}
-    given = dict(parent.get("given", {}))
-    if spool_dir:
-        given["spool_dir"] = spool_dir
-    try:
-        settings, _, _ = load(config or parent.get("config"), given)
-    except (ConfigError, PluginError) as e:
-        raise click.ClickException(str(e)) from None
+    settings = command_settings(ctx, config, spool_dir)
     if not Path(settings.spool.dir).is_dir():
         raise click.ClickException(f"spool directory {settings.spool.dir} does not exist")
     return settings

@@ -8,8 +8,6 @@ from typing import Any, Callable
 
 import click
 
-from mailrelay.config import ConfigError
-from mailrelay.plugin_host import PluginError
 
 from .settings import AdminSettings
 from .tokens import TokenError, TokenStore
@@ -28,15 +26,8 @@ def _store(ctx: click.Context, config: str | None, spool_dir: str | None, file: 
     """The tokens file the daemon reads, found from the same configuration."""
     if file:
         return TokenStore(file)
-    from mailrelay.cli import load  # the daemon's own loader (imported late: it imports this plugin)
-    parent = ctx.find_object(dict) or {}
-    given = dict(parent.get("given", {}))
-    if spool_dir:
-        given["spool_dir"] = spool_dir
-    try:
-        settings, _, _ = load(config or parent.get("config"), given)
-    except (ConfigError, PluginError) as e:
-        raise click.ClickException(str(e)) from None
+    from mailrelay.cli import command_settings  # imported late: the CLI imports this plugin
+    settings = command_settings(ctx, config, spool_dir)
     admin: AdminSettings = settings.extra.get("admin") or AdminSettings()
     return TokenStore(admin.tokens_path(settings.spool.dir))
 

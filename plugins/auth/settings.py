@@ -16,6 +16,50 @@ FOREIGN_MECHANISMS = ("CRAM-SHA1", "CRAM-SHA256", "CRAM-SHA512", "APOP", "XOAUTH
 PAM_PREFIX = "pam:"
 
 
+
+class LoginPolicy:
+    """What every service that logs users in shares (SMTP AUTH, POP3, admin): PAM selection and
+    failure throttling. Mixed into settings dataclasses that have the ``pam_service`` and
+    ``throttle_*`` fields and name their password source (secrets file or ``pam:``) in
+    ``login_source``."""
+
+    pam_service: str
+    throttle_window: float
+    throttle_delay_after: int
+    throttle_delay: float
+    throttle_max_delay: float
+    throttle_disconnect_after: int
+    throttle_max_tracked: int
+
+    @property
+    def login_source(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def uses_pam(self) -> bool:
+        return self.login_source.lower().startswith(PAM_PREFIX)
+
+    @property
+    def effective_pam_service(self) -> str:
+        """``pam:SERVICE`` names the service; plain ``pam:`` uses ``pam_service``."""
+        return self.login_source[len(PAM_PREFIX):] or self.pam_service
+
+    @property
+    def throttle_policy(self) -> ThrottlePolicy:
+        return ThrottlePolicy(self.throttle_window, self.throttle_delay_after, self.throttle_delay,
+                              self.throttle_max_delay, self.throttle_disconnect_after, self.throttle_max_tracked)
+
+    def throttle_checks(self) -> list[tuple[bool, str, str]]:
+        """``(ok, key, problem)`` rows for the section's validation."""
+        return [
+            (self.throttle_window > 0, "throttle_window", "must be positive"),
+            (self.throttle_delay_after >= 0, "throttle_delay_after", "must not be negative"),
+            (self.throttle_delay >= 0, "throttle_delay", "must not be negative"),
+            (self.throttle_max_delay >= 0, "throttle_max_delay", "must not be negative"),
+            (self.throttle_disconnect_after >= 1, "throttle_disconnect_after", "must be at least 1"),
+            (self.throttle_max_tracked >= 2, "throttle_max_tracked", "must be at least 2"),
+        ]
+
 @dataclass(frozen=True)
 class MechanismPolicy:
     """``--server-auth-config`` parsed: allow and deny lists without TLS and once under TLS.
@@ -66,7 +110,7 @@ def parse_server_auth_config(text: str) -> MechanismPolicy:
 
 
 @dataclass
-class AuthSettings:
+class AuthSettings(LoginPolicy):
     """``[auth]``: SMTP AUTH for clients of this relay (``--server-auth``)."""
 
     server_auth: str = ""            # --server-auth: an E-MailRelay secrets file, or "pam:" ("pam:SERVICE")
@@ -87,12 +131,7 @@ class AuthSettings:
         self.mechanism_policy = parse_server_auth_config(self.server_auth_config)
         checks = [
             (self.failure_delay >= 0, "failure_delay", "must not be negative"),
-            (self.throttle_window > 0, "throttle_window", "must be positive"),
-            (self.throttle_delay_after >= 0, "throttle_delay_after", "must not be negative"),
-            (self.throttle_delay >= 0, "throttle_delay", "must not be negative"),
-            (self.throttle_max_delay >= 0, "throttle_max_delay", "must not be negative"),
-            (self.throttle_disconnect_after >= 1, "throttle_disconnect_after", "must be at least 1"),
-            (self.throttle_max_tracked >= 2, "throttle_max_tracked", "must be at least 2"),
+            *self.throttle_checks(),
             (1 <= self.workers <= 64, "workers", "must be 1 to 64"),
         ]
         for ok, key, problem in checks:
@@ -100,15 +139,5 @@ class AuthSettings:
                 raise ConfigError(f"[auth] {key}: {problem}")
 
     @property
-    def uses_pam(self) -> bool:
-        return self.server_auth.lower().startswith(PAM_PREFIX)
-
-    @property
-    def effective_pam_service(self) -> str:
-        """``pam:SERVICE`` names the service; plain ``pam:`` uses ``pam_service``."""
-        return self.server_auth[len(PAM_PREFIX):] or self.pam_service
-
-    @property
-    def throttle_policy(self) -> ThrottlePolicy:
-        return ThrottlePolicy(self.throttle_window, self.throttle_delay_after, self.throttle_delay,
-                              self.throttle_max_delay, self.throttle_disconnect_after, self.throttle_max_tracked)
+    def login_source(self) -> str:
+        return self.server_auth

@@ -291,6 +291,12 @@ class CopyFilter(_MailboxFilter):
                                   "stage an abandoned message's content is discarded; use it as a "
                                   "--client-filter, or use copy:hardlink")
         super().__init__(spec)
+        if "pop" in words and spec.relay is not None and self.directory != Path(spec.relay.spool.directory).resolve():
+            # The spool's orphan sweep only knows that content is still wanted when the envelope
+            # sits in one of the spool's own sub-directories.
+            raise FilterSpecError(f"{spec.text!r}: copy:pop leaves the content in the spool, so its mailboxes "
+                                  f"must be spool sub-directories, but --delivery-dir is {self.directory}; "
+                                  "use copy:hardlink there")
         self.no_delete, self.hardlink, self.pop = "nodelete" in words, "hardlink" in words, "pop" in words
         self.name = spec.text.strip()
         self._warned = False

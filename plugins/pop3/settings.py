@@ -7,13 +7,12 @@ from dataclasses import dataclass, field
 
 from mailrelay.config.loader import ConfigError
 
-from mailrelay_plugins.auth.throttle import ThrottlePolicy
+from mailrelay_plugins.auth.settings import LoginPolicy
 
-PAM_PREFIX = "pam:"
 
 
 @dataclass
-class Pop3Settings:
+class Pop3Settings(LoginPolicy):
     """``[pop3]``: the POP3 server (``--pop``)."""
 
     port: int = 110                  # --pop-port; 0 picks a free port
@@ -46,12 +45,7 @@ class Pop3Settings:
             (0 <= self.max_connections <= 10**6, "max_connections", "must be 0 (no limit) to 1000000"),
             (0 <= self.shutdown_grace <= 3600, "shutdown_grace", "must be 0 to 3600 seconds"),
             (self.failure_delay >= 0, "failure_delay", "must not be negative"),
-            (self.throttle_window > 0, "throttle_window", "must be positive"),
-            (self.throttle_delay_after >= 0, "throttle_delay_after", "must not be negative"),
-            (self.throttle_delay >= 0, "throttle_delay", "must not be negative"),
-            (self.throttle_max_delay >= 0, "throttle_max_delay", "must not be negative"),
-            (self.throttle_disconnect_after >= 1, "throttle_disconnect_after", "must be at least 1"),
-            (self.throttle_max_tracked >= 2, "throttle_max_tracked", "must be at least 2"),
+            *self.throttle_checks(),
             (1 <= self.workers <= 64, "workers", "must be 1 to 64"),
         ]
         for ok, key, problem in checks:
@@ -61,15 +55,5 @@ class Pop3Settings:
             raise ConfigError("[pop3] tls_port: must differ from port")
 
     @property
-    def uses_pam(self) -> bool:
-        return self.auth.lower().startswith(PAM_PREFIX)
-
-    @property
-    def effective_pam_service(self) -> str:
-        """``pam:SERVICE`` names the service; plain ``pam:`` uses ``pam_service``."""
-        return self.auth[len(PAM_PREFIX):] or self.pam_service
-
-    @property
-    def throttle_policy(self) -> ThrottlePolicy:
-        return ThrottlePolicy(self.throttle_window, self.throttle_delay_after, self.throttle_delay,
-                              self.throttle_max_delay, self.throttle_disconnect_after, self.throttle_max_tracked)
+    def login_source(self) -> str:
+        return self.auth
