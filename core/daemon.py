@@ -151,6 +151,8 @@ def _detach_and_serve(relay: Relay, settings: Settings, out: TextIO, user: pwd.s
         if status.startswith("ok "):
             print(status[3:].strip(), file=out, flush=True)
             return EXIT_OK
+        if status.startswith("logged "):
+            return EXIT_ERROR
         print(f"relay: error: {status.strip() or 'the daemon exited during start-up'}", file=sys.stderr)
         return EXIT_ERROR
     os.close(read_fd)
@@ -248,8 +250,9 @@ async def _main(relay: Relay, settings: Settings, report: Callable[[str], None],
         log.error("start-up failed: %s", e)
         notifier.status(f"start-up failed: {e}")
         if on_error is not None:
-            on_error(str(e))
-        else:
+            # "logged": the log line above already reached the terminal; the parent stays quiet.
+            on_error(("logged " if _logging_to_stderr() else "") + str(e))
+        elif not _logging_to_stderr():
             print(f"relay: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     stop = asyncio.Event()
@@ -278,3 +281,13 @@ async def _main(relay: Relay, settings: Settings, report: Callable[[str], None],
         except OSError:
             pass
     return EXIT_OK
+
+
+def _logging_to_stderr() -> bool:
+    """Whether log lines already reach stderr (the foreground with --log), so that a start-up
+    error is not printed twice."""
+    for logger in (logging.getLogger("mailrelay"), logging.getLogger()):
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.stderr:
+                return True
+    return False

@@ -84,9 +84,11 @@ class HookCaller:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            # A configuration problem is phrased for the operator; a traceback would bury it.
-            log.error("plugin=%s hook=%s raised %s: %s", impl.plugin_name, hook, type(e).__name__, e,
-                      exc_info=not isinstance(e, ConfigError))
+            # Whoever catches the PluginFailure reports it; only a bug's traceback is logged here.
+            # A configuration problem is phrased for the operator, and a traceback would bury it.
+            if not isinstance(e, ConfigError):
+                log.error("plugin=%s hook=%s raised %s: %s", impl.plugin_name, hook, type(e).__name__, e,
+                          exc_info=True)
             raise PluginFailure(impl.plugin_name, hook, f"{type(e).__name__}: {e}") from e
         if self.trace:
             log.info("trace hook=%s plugin=%s args=%r result=%r elapsed_ms=%.1f", hook,
