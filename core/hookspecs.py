@@ -27,8 +27,10 @@ if TYPE_CHECKING:  # pragma: no cover
     import click
     import flask
 
+    from .config.settings import Settings
     from .filtering import Filter, FilterSpec
     from .message import Message
+    from .plugin_host import HookCaller
     from .relay import Relay
     from .types import DeliveryResult, Event, FilterResult, Recipient, Route, Session, Stage, Transaction, Verdict
 
@@ -202,6 +204,16 @@ def relay_config_schema() -> dict[str, type] | None:
     The core validates ``[section]`` from ``relay.conf`` against the dataclass at start-up and
     reports errors with the file and key; the plugin reads the result with
     ``relay.plugin_settings("section")``.
+    """
+
+
+@hookspec
+def relay_check_config(settings: Settings, hooks: HookCaller) -> None:
+    """``relay check-config``: raise ``ConfigError`` for a problem the section schemas cannot
+    express (a filter scheme that no plugin claims, say), so it shows before the daemon starts.
+
+    Runs without a relay: read ``settings`` (``settings.extra[section]`` for plugin sections) and
+    ``hooks.impls(name)``; touch neither the network nor the spool.
     """
 
 

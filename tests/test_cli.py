@@ -166,6 +166,17 @@ def test_check_config_warns_about_a_section_nobody_reads_but_passes(tmp_path):
     assert f"warning: {conf}:4: [spamd]: no enabled plugin declares this section" in result.stderr
 
 
+def test_check_config_catches_a_filter_scheme_no_plugin_claims(tmp_path):
+    conf = write(tmp_path / "relay.conf", '[filters]\nserver = ["exit:0", "spamm:127.0.0.1:783"]\n')
+    result = relay("check-config", str(conf))
+    assert result.returncode == 1
+    assert "OK" not in result.stdout
+    assert "filter 'spamm:127.0.0.1:783': unknown scheme 'spamm'" in result.stderr
+    assert "spam:" in result.stderr  # the known schemes are listed
+    conf.write_text('[filters]\nserver = ["exit:0"]\nreject_code = 250\n')
+    assert "reject_code 250 is not a 4xx or 5xx code" in relay("check-config", str(conf)).stderr
+
+
 def test_check_config_of_a_missing_file_fails(tmp_path):
     result = relay("check-config", str(tmp_path / "missing.conf"))
     assert result.returncode == 1

@@ -19,7 +19,7 @@ from ..config import ConfigError, find_config_file, load_settings
 from ..config.emailrelay_file import read_options_file
 from ..config.settings import Settings
 from ..net import BindError
-from ..plugin_host import PluginError, PluginHost
+from ..plugin_host import HookCaller, PluginError, PluginHost
 from .options import OPTIONS, apply_options
 
 
@@ -173,6 +173,10 @@ def check_config_command(ctx: click.Context, file: str | None) -> None:
         raise click.ClickException("no configuration file given (and no $MAILRELAY_CONFIG or "
                                    "/etc/mailrelay/relay.conf)")
     settings, host, warnings = _sub_load(ctx, path)
+    try:
+        host.pm.hook.relay_check_config(settings=settings, hooks=HookCaller(host, timeout=0))
+    except ConfigError as e:
+        raise click.ClickException(f"{path}: {e}") from None
     for warning in warnings:
         click.echo(f"relay: warning: {warning}", err=True)  # the warning names the file itself
     click.echo(f"{path}: OK (plugins: {', '.join(host.order) or 'none'}; spool {settings.spool.dir}; "

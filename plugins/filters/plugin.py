@@ -51,25 +51,12 @@ class FiltersPlugin:
     @hookimpl
     def relay_startup(self, relay: Any) -> None:
         settings: FilterSettings = relay.plugin_settings("filters")
-        if not 400 <= settings.reject_code <= 599:
-            raise FilterSpecError(f"[filters] reject_code {settings.reject_code} is not a 4xx or 5xx code")
-        factories: dict[str, tuple[str, Callable[[FilterSpec], Filter]]] = {}
-        for impl in relay.hooks.impls("relay_filter_factory"):
-            def register(scheme: str, factory: Callable[[FilterSpec], Filter], _owner: str = impl.plugin_name) -> None:
-                if scheme in factories and factories[scheme][0] != _owner:
-                    raise FilterSpecError(f"filter scheme {scheme!r} is claimed by both {factories[scheme][0]!r} "
-                                          f"and {_owner!r}")
-                factories[scheme] = (_owner, factory)
-            impl.function(register=register)
+        factories = _factories(relay.hooks)
+        _check(settings, factories)
         for stage, specs in (("server", settings.server), ("client", settings.client)):
             built: list[tuple[FilterSpec, Filter]] = []
             for text in specs:
-                scheme, argument = split_spec(text)
-                if scheme not in factories:
-                    known = ", ".join(sorted(f"{s}:" for s in factories)) or "(none)"
-                    hint = (f" (its plugin {BUILTIN_SCHEMES[scheme]!r} is not enabled)"
-                            if scheme in BUILTIN_SCHEMES else "")
-                    raise FilterSpecError(f"filter {text!r}: unknown scheme {scheme!r}{hint}; known: {known}")
+                scheme, argument = _claimed_scheme(text, factories)
                 spec = FilterSpec(text, scheme, argument, stage, settings.timeout, relay)  # type: ignore[arg-type]
                 try:
                     flt = factories[scheme][1](spec)
@@ -83,6 +70,12 @@ class FiltersPlugin:
             if chain:
                 relay.hooks.allow_time("on_filter", chain.time_limit)
                 log.info("%s filters: %s", stage, ", ".join(flt.name for _, flt in built))
+
+    @hookimpl
+    def relay_check_config(self, settings: Any, hooks: Any) -> None:
+        filters: FilterSettings | None = settings.extra.get("filters")
+        if filters is not None:
+            _check(filters, _factories(hooks))
 
     @hookimpl
     async def relay_shutdown(self) -> None:
@@ -101,3 +94,37 @@ class FiltersPlugin:
         if not chain:
             return None
         return await chain.run(message)
+
+
+Factories = dict[str, tuple[str, Callable[[FilterSpec], Filter]]]
+
+
+def _factories(hooks: Any) -> Factories:
+    """Every filter scheme the enabled plugins claim, with the claiming plugin and its factory."""
+    factories: Factories = {}
+    for impl in hooks.impls("relay_filter_factory"):
+        def register(scheme: str, factory: Callable[[FilterSpec], Filter], _owner: str = impl.plugin_name) -> None:
+            if scheme in factories and factories[scheme][0] != _owner:
+                raise FilterSpecError(f"filter scheme {scheme!r} is claimed by both {factories[scheme][0]!r} "
+                                      f"and {_owner!r}")
+            factories[scheme] = (_owner, factory)
+        impl.function(register=register)
+    return factories
+
+
+def _claimed_scheme(text: str, factories: Factories) -> tuple[str, str]:
+    """``split_spec(text)``, or a readable error when no plugin claims the scheme."""
+    scheme, argument = split_spec(text)
+    if scheme not in factories:
+        known = ", ".join(sorted(f"{s}:" for s in factories)) or "(none)"
+        hint = (f" (its plugin {BUILTIN_SCHEMES[scheme]!r} is not enabled)"
+                if scheme in BUILTIN_SCHEMES else "")
+        raise FilterSpecError(f"filter {text!r}: unknown scheme {scheme!r}{hint}; known: {known}")
+    return scheme, argument
+
+
+def _check(settings: FilterSettings, factories: Factories) -> None:
+    if not 400 <= settings.reject_code <= 599:
+        raise FilterSpecError(f"[filters] reject_code {settings.reject_code} is not a 4xx or 5xx code")
+    for text in (*settings.server, *settings.client):
+        _claimed_scheme(text, factories)
