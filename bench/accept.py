@@ -1,10 +1,11 @@
 """Acceptance benchmark: how fast the relay takes mail in, against bare aiosmtpd on the same machine.
 
-Three servers, each a real process on a free loopback port with a fresh directory:
+Three servers (a fourth on request), each a real process on a free loopback port with a fresh directory:
 
     baseline     bench/baseline_aiosmtpd.py: aiosmtpd, one file per message, no fsync
     relay-fsync  python -m mailrelay, [spool] durability = "fsync" (the default: group commit)
     relay-none   python -m mailrelay, [spool] durability = "none"
+    relay-fdatasync  the same with durability "fsync" and sync_method "fsync" (file by file)
 
 Each is flooded with N messages over C connections by postfix's ``smtp-source`` (throughput; one
 connection carries many messages, ``-d``) and by ``bench/loadgen.py`` (per-message latency,
@@ -44,7 +45,7 @@ from typing import Iterable
 from profiles import print_cprofile, print_py_spy  # bench/ is on sys.path when run as a script
 
 HERE = Path(__file__).resolve().parent
-SERVERS = ("baseline", "relay-fsync", "relay-none")
+SERVERS = ("baseline", "relay-fsync", "relay-none", "relay-fdatasync")
 READY_TIMEOUT = 30.0
 FLOOD_TIMEOUT = 600.0
 STOP_TIMEOUT = 60.0
@@ -125,8 +126,11 @@ class Server:
                     "--dir", str(self.store)]
         conf = self.workdir / "relay.conf"
         durability = self.name.removeprefix("relay-")
+        # relay-fdatasync: fsync durability flushing file by file instead of one syncfs per batch.
+        sync = 'sync_method = "fsync"\n' if durability == "fdatasync" else ""
+        durability = "fsync" if durability == "fdatasync" else durability
         # Every load-generator connection comes from 127.0.0.1: lift the per-address cap (50).
-        conf.write_text(f'[spool]\ndurability = "{durability}"\n[smtp]\nmax_connections_per_client = 0\n')
+        conf.write_text(f'[spool]\ndurability = "{durability}"\n{sync}[smtp]\nmax_connections_per_client = 0\n')
         relay = ["-m", "mailrelay", "--no-daemon", "--port", str(self.port), "--spool-dir", str(self.store),
                  "--domain", "bench.test", "-c", str(conf)]
         if self.profiler == "cprofile":
