@@ -107,3 +107,27 @@ def client_account(path: str | Path) -> Secret:
     hashed form ``emailrelay-passwd`` prints) CRAM-MD5 only."""
     accounts = client_accounts(path)
     return accounts.get("") or next(iter(accounts.values()))
+
+
+def parse_auth_config(text: str, option: str, known: tuple[str, ...], foreign: tuple[str, ...] = (),
+                      example: str = "m:cram-md5,plain") -> dict[str, tuple[str, ...]]:
+    """E-MailRelay's ``--server-auth-config`` / ``--client-auth-config`` value (case-insensitive):
+    ``;``-separated items ``m:`` (allow or prefer), ``x:`` (exclude), ``a:`` and ``d:`` (the same
+    once under TLS), each a comma-separated mechanism list; the first item of each kind counts, as
+    in E-MailRelay. Mechanisms named in ``foreign`` are accepted (other software's) but never used.
+    Returns ``{"M": (...), ...}``; a ``ConfigError`` names the bad item."""
+    items: dict[str, tuple[str, ...]] = {}
+    for item in (part.strip() for part in text.upper().split(";")):
+        if not item:
+            continue
+        key, colon, names = item.partition(":")
+        if not colon or key not in ("M", "X", "A", "D"):
+            raise ConfigError(f"{option}: {item.lower()!r} is not m:, x:, a: or d: followed by "
+                              f"mechanism names (e.g. {example})")
+        mechanisms = tuple(n.strip() for n in names.split(",") if n.strip())
+        for name in mechanisms:
+            if name not in known and name not in foreign:
+                raise ConfigError(f"{option}: unknown mechanism {name.lower()!r} "
+                                  f"(known: {', '.join(m.lower() for m in known)})")
+        items.setdefault(key, mechanisms)
+    return items

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from mailrelay.config.loader import ConfigError
+from mailrelay.secrets import parse_auth_config
 
 from .throttle import ThrottlePolicy
 
@@ -87,20 +88,7 @@ class MechanismPolicy:
 
 def parse_server_auth_config(text: str) -> MechanismPolicy:
     """Parse E-MailRelay's ``--server-auth-config`` value (case-insensitive); ConfigError if bad."""
-    items: dict[str, tuple[str, ...]] = {}
-    for item in (part.strip() for part in text.upper().split(";")):
-        if not item:
-            continue
-        key, colon, names = item.partition(":")
-        if not colon or key not in ("M", "X", "A", "D"):
-            raise ConfigError(f"--server-auth-config: {item.lower()!r} is not m:, x:, a: or d: followed "
-                              "by mechanism names (e.g. m:;a:plain,login)")
-        mechanisms = tuple(n.strip() for n in names.split(",") if n.strip())
-        for name in mechanisms:
-            if name not in MECHANISMS and name not in FOREIGN_MECHANISMS:
-                raise ConfigError(f"--server-auth-config: unknown mechanism {name.lower()!r} "
-                                  f"(known: {', '.join(m.lower() for m in MECHANISMS)})")
-        items.setdefault(key, mechanisms)  # E-MailRelay uses the first item of each kind
+    items = parse_auth_config(text, "--server-auth-config", MECHANISMS, FOREIGN_MECHANISMS, "m:;a:plain,login")
     allow, deny = items.get("M"), items.get("X", ())
     # Unlike E-MailRelay, nothing is offered on an insecure channel unless an m: item says so.
     insecure = allow if allow is not None else ()

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
-from mailrelay.config.loader import ConfigError
 from mailrelay.cram_md5 import cram_md5_response
-from mailrelay.secrets import Secret
+from mailrelay.secrets import Secret, parse_auth_config
 
 from .hop import Hop, HopError
 
@@ -48,23 +47,10 @@ class MechanismPreference:
 
 def parse_client_auth_config(text: str) -> MechanismPreference:
     """Parse ``--client-auth-config`` (case-insensitive); ConfigError naming the bad item."""
-    items: dict[str, tuple[str, ...]] = {}
-    text = text.strip().upper()
+    text = text.strip()
     if text and ":" not in text:
-        text = "M:" + text
-    for item in (part.strip() for part in text.split(";")):
-        if not item:
-            continue
-        key, colon, names = item.partition(":")
-        if not colon or key not in ("M", "X", "A", "D"):
-            raise ConfigError(f"--client-auth-config: {item.lower()!r} is not m:, x:, a: or d: followed by "
-                              "mechanism names (e.g. m:cram-md5,plain)")
-        mechanisms = tuple(n.strip() for n in names.split(",") if n.strip())
-        for name in mechanisms:
-            if name not in MECHANISMS and name not in FOREIGN_MECHANISMS:
-                raise ConfigError(f"--client-auth-config: unknown mechanism {name.lower()!r} "
-                                  f"(known: {', '.join(m.lower() for m in MECHANISMS)})")
-        items.setdefault(key, mechanisms)
+        text = "m:" + text
+    items = parse_auth_config(text, "--client-auth-config", MECHANISMS, FOREIGN_MECHANISMS)
     prefer, avoid = items.get("M"), items.get("X", ())
     if "A" in items or "D" in items:
         return MechanismPreference(prefer, avoid, items.get("A"), items.get("D", ()))
