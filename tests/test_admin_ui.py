@@ -115,14 +115,18 @@ def test_queue_actions_from_the_ui(admin, browser):
     second = send(admin, b"Subject: two\r\n\r\nbody\r\n")
     token = csrf_of(browser.get("/queue").get_data(as_text=True))
     retried = browser.post(f"/queue/{first}/retry", data={"csrf_token": token, "back": f"/queue/{first}"})
-    assert retried.headers["Location"] == f"/queue/{first}"
-    assert f"{first}: due now" in browser.get(f"/queue/{first}").get_data(as_text=True)
+    assert retried.headers["Location"] == f"/queue/{first}?acted=1"
+    assert f"{first}: due now" in browser.get(f"/queue/{first}?acted=1").get_data(as_text=True)
     bounced = browser.post(f"/queue/{first}/bounce", data={"csrf_token": token})
     assert bounced.status_code == 303
     page = browser.get("/queue?state=bad").get_data(as_text=True)
     assert "returned to the sender" in page and first in page and second not in page
-    browser.post(f"/queue/{second}/delete", data={"csrf_token": token})
+    deleted = browser.post(f"/queue/{second}/delete", data={"csrf_token": token, "back": f"/queue/{second}"})
     assert not (admin.relay.spool.directory / f"{second}.content").exists()
+    # Its own page, where the operator came from, now sends them to the queue list, not to a 404.
+    gone = browser.get(deleted.headers["Location"])
+    assert gone.status_code == 303 and gone.headers["Location"] == "/queue"
+    assert "is no longer in the queue" in browser.get("/queue").get_data(as_text=True)
     missing = browser.get(f"/queue/{second}")
     assert missing.status_code == 404 and b"No such message" in missing.data
     bad_search = browser.get("/queue?min_age=whenever").get_data(as_text=True)

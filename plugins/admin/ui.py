@@ -150,6 +150,9 @@ def message_page(message_id: str) -> Any:
             raw = f.read(RAW_PREVIEW + 1)
     except (ApiError, FileNotFoundError) as e:
         detail = e.detail if isinstance(e, ApiError) else "no longer in the spool"
+        if request.args.get("acted"):
+            _flash("ok", f"{message_id} is no longer in the queue (delivered or removed).")
+            return redirect(url_for("ui.queue_page"), 303)
         return render_template("error.html", code=404, title="No such message", detail=detail), 404
     return render_template("message.html", m=details.to_dict(), raw=raw[:RAW_PREVIEW].decode("utf-8", "replace"),
                            truncated=len(raw) > RAW_PREVIEW, subject=subject_of(details.headers))
@@ -184,6 +187,10 @@ def queue_action(message_id: str, action: str) -> Any:
     except ApiError as e:
         _flash("error", e.detail)
     back = request.form.get("back", "")
+    # Back to the message's own page, marked: after a delete or bounce, or a retry that delivered
+    # it at once, the message is gone, and that page then sends the operator to the queue instead.
+    if back.split("?")[0] == url_for("ui.message_page", message_id=message_id):
+        back = url_for("ui.message_page", message_id=message_id, acted=1)
     return redirect(_safe_next(back) if back else url_for("ui.queue_page"), 303)
 
 
