@@ -237,6 +237,11 @@ async def _main(relay: Relay, settings: Settings, report: Callable[[str], None],
     loop = asyncio.get_running_loop()
     pid_file = settings.server.pid_file
     started = False
+    # Before start(): a SIGTERM while plugins start up waits for them, then shuts down cleanly
+    # (listeners closed, Unix socket files removed) instead of killing the process half-started.
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         await relay.start()
         started = True
@@ -255,9 +260,6 @@ async def _main(relay: Relay, settings: Settings, report: Callable[[str], None],
         elif not _logging_to_stderr():
             print(f"relay: error: {e}", file=sys.stderr)
         return EXIT_ERROR
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     reloads: set[asyncio.Task[None]] = set()
 
     def hangup() -> None:

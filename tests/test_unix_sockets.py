@@ -48,6 +48,17 @@ def accepting(path: Path) -> bool:
             return False
 
 
+def greets(path: Path) -> bool:
+    """The server is up (not only the socket bound): it answers with its 220 greeting."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(5)
+        try:
+            probe.connect(str(path))
+            return probe.recv(3) == b"220"
+        except OSError:
+            return False
+
+
 def send_unix(path: Path, recipients: tuple[str, ...] = ("x@far.test",)) -> dict:
     with UnixSMTP(path) as client:
         return client.sendmail("a@example.test", list(recipients), MESSAGE)
@@ -146,7 +157,7 @@ def test_a_file_that_is_not_a_socket_is_left_alone(relay_process, tmp_path):
 def test_the_socket_file_is_removed_on_shutdown(relay_process, tmp_path):
     path = tmp_path / "smtp.sock"
     relay = relay_process("--interface", str(path), wait=False)
-    wait_until(lambda: accepting(path), what="the Unix socket")
+    wait_until(lambda: greets(path), what="the SMTP greeting on the Unix socket")
     assert relay.stop() == 0
     assert not path.exists()
 
