@@ -36,7 +36,7 @@ from .backend import Backend, Outcome, SecretsFileBackend
 from .pam_backend import PamBackend
 from .passwd import passwd_command
 from .settings import AuthSettings
-from .throttle import Throttle, ThrottlePolicy, client_key
+from .throttle import Login, Throttle, ThrottlePolicy, client_key, throttled_login
 
 log = logging.getLogger("mailrelay.auth")
 
@@ -206,45 +206,29 @@ class AuthPlugin:
         mechanism = mechanism.upper()
         if mechanism not in self.auth_mechanisms(session):
             return UNKNOWN_MECHANISM
-        decision = self.throttle.attempt(session.peer_ip, username)
-        if decision.refuse:
-            self._failed(session, mechanism, username, "too many failures: refused and disconnected",
-                         decision.failures)
-            return AUTH_LOCKED
-        loop = asyncio.get_running_loop()
-        if decision.delay:
-            await asyncio.sleep(decision.delay)
-        started = loop.time()
         problem = _malformed(username, password, response)
-        try:
+        backend, executor = self.backend, self._executor
+
+        async def check() -> Outcome:
             if problem:
-                outcome = Outcome(False, problem)
-            else:
-                await self._refresh()
-                outcome = await loop.run_in_executor(self._executor, self.backend.check, mechanism, username,
-                                                     password, challenge, response)
-        except asyncio.CancelledError:
-            raise  # the attempt stays counted as a failure
-        except Exception as e:  # a bug or a broken library: the client may try again
-            log.exception("session=%s auth check failed", session.id)
-            outcome = Outcome(False, f"{type(e).__name__}: {e}", temporary=True)
-        if outcome.ok:
-            self.throttle.succeeded(session.peer_ip, username)
+                return Outcome(False, problem)
+            await self._refresh()
+            return await asyncio.get_running_loop().run_in_executor(
+                executor, backend.check, mechanism, username, password, challenge, response)
+
+        result = await throttled_login(
+            self.throttle, session.peer_ip, username, check, failure_delay=self.settings.failure_delay,
+            on_failure=lambda reason, failures: self._failed(session, mechanism, username, reason, failures),
+            logger=log, context=f"session={session.id} auth")
+        if result.login is Login.OK:
             log.info("session=%s client=%s authenticated user=%s mechanism=%s", session.id, session.peer_ip,
                      _quoted(username), mechanism)
             return AUTH_OK
-        if outcome.temporary:
-            self.throttle.withdrawn(session.peer_ip, username, decision)
+        if result.login is Login.TEMPORARY:
             log.error("session=%s client=%s auth could not be checked user=%s mechanism=%s: %s", session.id,
-                      session.peer_ip, _quoted(username), mechanism, outcome.reason)
+                      session.peer_ip, _quoted(username), mechanism, result.reason)
             return AUTH_TEMPFAIL
-        self._failed(session, mechanism, username, outcome.reason, decision.failures + 1)
-        # Every failure takes at least failure_delay, whatever failed: no timing tells an unknown
-        # user from a wrong password.
-        remaining = self.settings.failure_delay - (loop.time() - started)
-        if remaining > 0:
-            await asyncio.sleep(remaining)
-        return AUTH_FAILED
+        return AUTH_LOCKED if result.login is Login.LOCKED else AUTH_FAILED
 
     def _failed(self, session: Session, mechanism: str, username: str, reason: str, failures: int) -> None:
         log.warning("session=%s client=%s auth failed user=%s mechanism=%s reason=%s failures=%d "

@@ -15,16 +15,22 @@ after another. For each key (the client's address, and the user name) the failur
 A success forgets the failures of that client address and that user. IPv6 clients are counted
 per /64 network, the block one subscriber usually gets. The state is bounded: at most
 ``max_tracked`` keys are kept, least recently used first out, and expired keys are dropped.
+
+:func:`throttled_login` is the whole sequence of one attempt, shared by SMTP AUTH and POP3.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import enum
 import ipaddress
+import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable
 
+from .backend import Outcome
 from .trust import parse_client_address
 
 USERNAME_KEY_LIMIT = 256
@@ -129,3 +135,55 @@ class Throttle:
 
     def __len__(self) -> int:
         return len(self._failures)
+
+
+class Login(enum.Enum):
+    OK = "ok"
+    FAILED = "failed"          # wrong credentials, unknown user or malformed input
+    TEMPORARY = "temporary"    # the check could not decide (PAM down, a bug): not counted
+    LOCKED = "locked"          # too many failures: refused without a check
+
+
+@dataclass(frozen=True)
+class LoginOutcome:
+    login: Login
+    reason: str = ""
+
+
+async def throttled_login(throttle: Throttle, peer_ip: str, username: str,
+                          check: Callable[[], Awaitable[Outcome]], *, failure_delay: float,
+                          on_failure: Callable[[str, int], None], logger: logging.Logger,
+                          context: str) -> LoginOutcome:
+    """One login attempt: the throttle's decision and delay, ``check`` (which runs the backend in
+    a worker thread), then success, withdrawal or failure.
+
+    ``on_failure(reason, failures)`` is called for a refused or failed attempt before the
+    padding, so the log line is not delayed. Every failure takes at least ``failure_delay``
+    seconds from the start of the check, whatever failed: no timing tells an unknown user from a
+    wrong password. A check that raises is a temporary failure (logged with ``context``); a
+    cancelled attempt stays counted as a failure.
+    """
+    decision = throttle.attempt(peer_ip, username)
+    if decision.refuse:
+        on_failure("too many failures: refused and disconnected", decision.failures)
+        return LoginOutcome(Login.LOCKED)
+    loop = asyncio.get_running_loop()
+    if decision.delay:
+        await asyncio.sleep(decision.delay)
+    started = loop.time()
+    try:
+        outcome = await check()
+    except Exception as e:  # a bug or a broken library: the client may try again
+        logger.exception("%s check failed", context)
+        outcome = Outcome(False, f"{type(e).__name__}: {e}", temporary=True)
+    if outcome.ok:
+        throttle.succeeded(peer_ip, username)
+        return LoginOutcome(Login.OK)
+    if outcome.temporary:
+        throttle.withdrawn(peer_ip, username, decision)
+        return LoginOutcome(Login.TEMPORARY, outcome.reason)
+    on_failure(outcome.reason, decision.failures + 1)
+    remaining = failure_delay - (loop.time() - started)
+    if remaining > 0:
+        await asyncio.sleep(remaining)
+    return LoginOutcome(Login.FAILED, outcome.reason)

@@ -24,7 +24,7 @@ from typing import Callable
 
 from mailrelay_plugins.auth.backend import Backend, Outcome, SecretsFileBackend
 from mailrelay_plugins.auth.pam_backend import PamBackend
-from mailrelay_plugins.auth.throttle import Throttle, client_key
+from mailrelay_plugins.auth.throttle import Login, Throttle, client_key, throttled_login
 
 from .settings import Pop3Settings
 
@@ -132,39 +132,24 @@ class Authenticator:
         return Outcome(False, "wrong password")
 
     async def _attempt(self, attempt: Attempt, problem: str, check: Callable[..., Outcome], *args: str) -> Result:
-        decision = self.throttle.attempt(attempt.peer_ip, attempt.username)
-        if decision.refuse:
-            self._failed(attempt, "too many failures: refused and disconnected", decision.failures)
-            return Result.LOCKED
-        loop = asyncio.get_running_loop()
-        if decision.delay:
-            await asyncio.sleep(decision.delay)
-        started = loop.time()
-        try:
+        async def checked() -> Outcome:
             if problem:
-                outcome = Outcome(False, problem)
-            else:
-                outcome = await loop.run_in_executor(self._executor, check, attempt.username, *args)
-        except asyncio.CancelledError:
-            raise  # the attempt stays counted as a failure
-        except Exception as e:  # a bug or a broken library: the client may try again
-            log.exception("session=%s pop3 login check failed", attempt.session)
-            outcome = Outcome(False, f"{type(e).__name__}: {e}", temporary=True)
-        if outcome.ok:
-            self.throttle.succeeded(attempt.peer_ip, attempt.username)
+                return Outcome(False, problem)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, check, attempt.username, *args)
+
+        result = await throttled_login(
+            self.throttle, attempt.peer_ip, attempt.username, checked, failure_delay=self.settings.failure_delay,
+            on_failure=lambda reason, failures: self._failed(attempt, reason, failures),
+            logger=log, context=f"session={attempt.session} pop3 login")
+        if result.login is Login.OK:
             self._emit("auth.succeeded", session=attempt.session, client=attempt.peer_ip, user=attempt.username,
                        mechanism=attempt.mechanism, protocol="pop3")
             return Result.OK
-        if outcome.temporary:
-            self.throttle.withdrawn(attempt.peer_ip, attempt.username, decision)
+        if result.login is Login.TEMPORARY:
             log.error("session=%s client=%s pop3 login could not be checked user=%s: %s", attempt.session,
-                      attempt.peer_ip, _quoted(attempt.username), outcome.reason)
+                      attempt.peer_ip, _quoted(attempt.username), result.reason)
             return Result.TEMPORARY
-        self._failed(attempt, outcome.reason, decision.failures + 1)
-        remaining = self.settings.failure_delay - (loop.time() - started)
-        if remaining > 0:  # equal timing for every kind of failure
-            await asyncio.sleep(remaining)
-        return Result.FAILED
+        return Result.LOCKED if result.login is Login.LOCKED else Result.FAILED
 
     def _failed(self, attempt: Attempt, reason: str, failures: int) -> None:
         log.warning("session=%s client=%s pop3 login failed user=%s mechanism=%s reason=%s failures=%d "
