@@ -19,7 +19,7 @@ from typing import Iterator
 
 import pytest
 
-from mailrelay.spool import Envelope, Spool
+from mailrelay.spool import Envelope, Spool, commit_marker
 from mailrelay.spool import committer as committer_module
 from mailrelay_sdk.testing import RunningRelay
 
@@ -53,15 +53,23 @@ def queued_id(reply: str) -> str:
     return match.group(1)
 
 
-def assert_stored_completely(spool: Spool, accepted: dict[str, bytes]) -> None:
+def assert_stored_completely(spool: Spool, accepted: dict[str, bytes], *, marked: bool = True) -> None:
     """Exactly the accepted messages are in the spool, each with a full envelope and content,
-    and nothing else: no .envelope.new, no content without an envelope."""
+    and nothing else: no .envelope.new, no content without an envelope. ``marked``: each
+    envelope ends with a commit marker that matches it and its content."""
     assert spool.ids() == sorted(accepted)
     expected_files = {f"{i}{suffix}" for i in accepted for suffix in (".content", ".envelope")}
     assert set(os.listdir(spool.directory)) == expected_files
     for message_id, body in accepted.items():
         raw = spool.envelope_path(message_id).read_bytes()
-        assert raw.endswith(b"X-MailRelay-End: 1\r\n")
+        marker = commit_marker.read_marker(raw)
+        if marked:
+            assert marker is not None and marker.to == "ready", raw
+            assert commit_marker.content_matches(marker, spool.content_path(message_id))
+        else:
+            assert marker is None, raw
+        # E-MailRelay reads up to the End line and keeps whatever follows it.
+        assert commit_marker.unmarked(raw).endswith(b"X-MailRelay-End: 1\r\n")
         envelope = Envelope.from_bytes(raw)
         assert envelope.sender == "bob@remote.test"
         assert [r.address for r in envelope.recipients] == ["x@far.test"]
@@ -173,10 +181,7 @@ def test_a_failing_flush_answers_451_and_leaves_nothing_behind(inprocess_relay, 
     assert_stored_completely(relay.spool, {queued_id(reply): message(2)})
 
 
-def test_a_failing_directory_sync_answers_451_and_publishes_nothing(inprocess_relay, monkeypatch):
-    # The rename that publishes the message happened but may not survive a crash: the client is
-    # told to retry, so the message must not also stay queued (it would be delivered twice).
-    relay = inprocess_relay()
+def failing_directory_fsync(relay, monkeypatch) -> None:
     dir_fd = relay.spool._committer._dir_fd
     real_fsync = os.fsync
 
@@ -185,9 +190,18 @@ def test_a_failing_directory_sync_answers_451_and_publishes_nothing(inprocess_re
             raise OSError(errno.EIO, "Input/output error")
         real_fsync(fd)
 
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_failing_directory_sync_before_the_answer_answers_451_and_publishes_nothing(inprocess_relay,
+                                                                                     monkeypatch):
+    # Flushing file by file, the directory's fsync makes the new files' names durable: without
+    # it the message may not survive a crash, so the client is told to retry, and the message
+    # must not also stay queued (it would be delivered twice).
+    relay = inprocess_relay(config={"spool": {"sync_method": "fsync"}})
     with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
         client.ehlo("client.test")
-        monkeypatch.setattr(os, "fsync", fsync)
+        failing_directory_fsync(relay, monkeypatch)
         code, reply = send_one(client, message(1))
         assert code == 451, reply
         monkeypatch.undo()
@@ -196,35 +210,69 @@ def test_a_failing_directory_sync_answers_451_and_publishes_nothing(inprocess_re
     assert_stored_completely(relay.spool, {queued_id(reply): message(2)})
 
 
+def test_a_failing_directory_sync_after_the_answer_keeps_the_message(inprocess_relay, monkeypatch, caplog):
+    # The sync that persists renames of answered messages comes after the flush that made them
+    # durable: the message stays queued (a lost rename is what the commit marker repairs).
+    relay = inprocess_relay()
+    committer = relay.spool._committer
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+        client.ehlo("client.test")
+        failing_directory_fsync(relay, monkeypatch)
+        syncs = committer.directory_syncs
+        code, reply = send_one(client, message(1))
+        assert code == 250, reply
+        wait_for(lambda: committer.directory_syncs > syncs)
+        monkeypatch.undo()
+    assert_stored_completely(relay.spool, {queued_id(reply): message(1)})
+    assert "could not sync the directory after publishing" in caplog.text
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 # ---------------------------------------------------------------- durability settings
 @pytest.fixture
-def flush_calls(monkeypatch) -> dict[str, int]:
-    """Count the flushes the commit worker makes: fdatasync per file, syncfs, fsync of the dir."""
-    calls = {"fdatasync": 0, "syncfs": 0, "fsync": 0}
+def commit_steps(monkeypatch) -> list[str]:
+    """What the commit worker does, in order: fdatasync (per file), syncfs, fsync (of the
+    directory) and answer (the futures resolved, so the client gets its reply)."""
+    steps: list[str] = []
     real_fdatasync, real_fsync, real_syncfs = os.fdatasync, os.fsync, committer_module._syncfs
+    real_complete = committer_module.GroupCommitter._complete
 
     def counting(name, real):
         def call(*args):
             if threading.current_thread().name == "spool-commit":
-                calls[name] += 1
+                steps.append(name)
             return real(*args)
         return call
+
+    def complete(batch, errors):
+        steps.append("answer")
+        return real_complete(batch, errors)
 
     monkeypatch.setattr(os, "fdatasync", counting("fdatasync", real_fdatasync))
     monkeypatch.setattr(os, "fsync", counting("fsync", real_fsync))
     assert real_syncfs is not None, "syncfs(2) is available on Linux"
     monkeypatch.setattr(committer_module, "_syncfs", counting("syncfs", real_syncfs))
-    return calls
+    monkeypatch.setattr(committer_module.GroupCommitter, "_complete", staticmethod(complete))
+    return steps
 
 
-@pytest.mark.parametrize("spool_config, method, expected", [
-    ({"durability": "none"}, "none", {"fdatasync": 0, "syncfs": 0, "fsync": 0}),
-    ({"durability": "fsync", "sync_method": "fsync"}, "fsync", {"fdatasync": 6, "syncfs": 0, "fsync": 3}),
-    ({"durability": "fsync", "sync_method": "syncfs"}, "syncfs", {"fdatasync": 0, "syncfs": 3, "fsync": 3}),
-    ({}, "syncfs", {"fdatasync": 0, "syncfs": 3, "fsync": 3}),
+@pytest.mark.parametrize("spool_config, method, per_message", [
+    ({"durability": "none"}, "none", ["answer"]),
+    # data and names (fdatasync of content and envelope, fsync of the directory), answer, and
+    # with the queue empty, one more fsync for the rename
+    ({"durability": "fsync", "sync_method": "fsync"}, "fsync",
+     ["fdatasync", "fdatasync", "fsync", "answer", "fsync"]),
+    ({"durability": "fsync", "sync_method": "syncfs"}, "syncfs", ["syncfs", "answer", "fsync"]),
+    ({}, "syncfs", ["syncfs", "answer", "fsync"]),
 ], ids=["none", "fsync", "syncfs", "default"])
-def test_every_durability_setting_stores_complete_messages(inprocess_relay, flush_calls, spool_config,
-                                                           method, expected):
+def test_every_durability_setting_stores_complete_messages_with_one_flush_before_the_answer(
+        inprocess_relay, commit_steps, spool_config, method, per_message):
     relay = inprocess_relay(config={"spool": spool_config})
     assert relay.spool.sync_method == method
     accepted: dict[str, bytes] = {}
@@ -234,8 +282,9 @@ def test_every_durability_setting_stores_complete_messages(inprocess_relay, flus
             code, reply = send_one(client, message(n, size=5_000))
             assert code == 250, reply
             accepted[queued_id(reply)] = message(n, size=5_000)
-    assert_stored_completely(relay.spool, accepted)
-    assert flush_calls == expected
+            wait_for(lambda: len(commit_steps) >= len(per_message) * (n + 1))
+    assert_stored_completely(relay.spool, accepted, marked=method != "none")
+    assert commit_steps == per_message * 3
 
 
 # ---------------------------------------------------------------- group commit
@@ -327,3 +376,95 @@ def test_relay_start_up_sweeps_what_a_crash_left_behind(tmp_path: Path):
         assert not any(path.exists() for path in leftovers)
         assert fresh.exists()
         assert len(relay.spool.ids()) == 4
+
+
+# ---------------------------------------------------------------- a rename lost in a system crash
+def _before_boot(path: Path) -> None:
+    """Date ``path`` before the running system started, as after a crash and a reboot."""
+    from mailrelay.spool.store import system_boot_time
+
+    booted = system_boot_time()
+    assert booted is not None, "/proc/stat has btime on Linux"
+    then = min(booted - 60, time.time() - 3_600)  # and old enough for the sweep on a fresh machine
+    os.utime(path, (then, then))
+
+
+def _unpublish(spool: Spool, message_id: str, copy_as: str | None = None) -> str:
+    """Turn a published message back into its committed ``.envelope.new`` (what a system crash
+    leaves when the rename after the flush is lost), optionally as a copy under another id."""
+    target = copy_as or message_id
+    envelope = spool.envelope_path(message_id).read_bytes()
+    content = spool.content_path(message_id).read_bytes()
+    if copy_as is None:
+        spool.envelope_path(message_id).unlink()
+    spool.envelope_path(target, "new").write_bytes(envelope)
+    spool.content_path(target).write_bytes(content)
+    return target
+
+
+def test_a_committed_message_whose_rename_a_system_crash_lost_is_published_at_start_up(tmp_path: Path):
+    spool_dir = tmp_path / "spool"
+    with RunningRelay(spool_dir) as relay:
+        accepted: dict[str, bytes] = {}
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.ehlo("client.test")
+            for n in range(2):
+                code, reply = send_one(client, message(n, size=3_000))
+                assert code == 250, reply
+                accepted[queued_id(reply)] = message(n, size=3_000)
+        spool = relay.spool
+    lost, kept = sorted(accepted)
+    _unpublish(spool, lost)
+    # Written but flushed only in part when the system went down: never acknowledged.
+    torn = _unpublish(spool, kept, copy_as="emailrelay.1.100.7")
+    with open(spool.content_path(torn), "r+b") as f:
+        f.truncate(1000)
+    # Written for the server filters, never committed: no marker.
+    unfiltered = "emailrelay.1.100.8"
+    spool.envelope_path(unfiltered, "new").write_bytes(commit_marker.unmarked(spool.envelope_path(kept).read_bytes()))
+    spool.content_path(unfiltered).write_bytes(spool.content_path(kept).read_bytes())
+    for path in spool_dir.iterdir():
+        _before_boot(path)
+
+    with RunningRelay(spool_dir) as relay:
+        assert_stored_completely(relay.spool, accepted)
+
+
+def test_recovery_publishes_a_committed_quarantine_as_bad_and_leaves_young_leftovers(tmp_path: Path):
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    try:
+        envelope = Envelope("a@b.test", ()).to_bytes()
+        content = b"Subject: spam\r\n\r\nbuy\r\n"
+        bad = "emailrelay.1.100.1"
+        spool.content_path(bad).write_bytes(content)
+        spool.envelope_path(bad, "new").write_bytes(
+            commit_marker.marked(envelope, commit_marker.checksum([content]), "bad"))
+        _before_boot(spool.envelope_path(bad, "new"))
+        # Committed by a process that was killed (after this boot): its client got no answer,
+        # and a live process may still be at it, so only age removes it, as before.
+        killed = "emailrelay.1.100.2"
+        spool.content_path(killed).write_bytes(content)
+        spool.envelope_path(killed, "new").write_bytes(
+            commit_marker.marked(envelope, commit_marker.checksum([content]), "ready"))
+
+        assert spool.sweep_orphans() == 0
+        assert spool.ids("bad") == [bad]
+        assert Envelope.from_bytes(spool.envelope_path(bad, "bad").read_bytes()).sender == "a@b.test"
+        assert spool.ids("new") == [killed]
+        _age(spool.envelope_path(killed, "new"), 3_600)
+        assert spool.sweep_orphans() == 1
+        assert sorted(os.listdir(spool.directory)) == [f"{bad}.content", f"{bad}.envelope.bad"]
+    finally:
+        spool.close()
+
+
+def test_the_commit_marker_stays_out_of_the_envelope_fields():
+    envelope = Envelope("a@b.test", ())
+    raw = commit_marker.marked(envelope.to_bytes(), commit_marker.checksum([b"x"]), "ready")
+    assert Envelope.from_bytes(raw) == envelope
+    assert Envelope.from_bytes(raw).to_bytes() == envelope.to_bytes()
+    # One flipped byte anywhere before the marker, and it no longer vouches for the envelope.
+    assert commit_marker.read_marker(raw) is not None
+    assert commit_marker.read_marker(raw.replace(b"a@b.test", b"a@c.test")) is None
+    assert commit_marker.read_marker(raw[:-3]) is None

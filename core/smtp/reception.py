@@ -3,7 +3,8 @@
 This module knows nothing of aiosmtpd; the protocol module parses the wire and asks this one for
 a verdict or a reply. The order of DATA processing is the durability contract:
 
-    on_receive -> write content + .envelope.new -> server filters -> fsync, rename, fsync dir -> 250
+    on_receive -> write content + .envelope.new -> server filters -> commit marker, one flush,
+    rename -> 250
 """
 
 from __future__ import annotations

@@ -1,10 +1,19 @@
 """Group commit: one worker thread turns many concurrent spool writes into few disk flushes.
 
-Sessions hand in jobs and await a future. The worker takes everything queued, writes the files,
-flushes once for the whole batch (``syncfs`` of the spool's filesystem, or ``fdatasync`` per file),
-renames the envelopes into place, fsyncs the directory once, and only then resolves the futures.
-So a client never sees 250 before its message and the rename that publishes it are on disk, and
-twenty sessions committing at once cost two flushes, not forty.
+Sessions hand in jobs and await a future. The worker takes everything queued, writes the files
+(each envelope ending with its commit marker, see :mod:`.commit_marker`), flushes once for the
+whole batch (``syncfs`` of the spool's file system, or ``fdatasync`` per file and an ``fsync`` of
+the directory), renames the envelopes into place and resolves the futures. So a client never sees
+250 before its message is on disk, and twenty sessions committing at once cost one flush, not
+forty.
+
+The renames themselves are made durable by the next batch's flush, or by an ``fsync`` of the
+directory as soon as the worker finds its queue empty; until then a system crash can undo one,
+which is what the marker is for: recovery publishes a ``.envelope.new`` whose marker matches its
+files (:meth:`mailrelay.spool.store.Spool.sweep_orphans`). Waiting for that second flush before
+answering would double every client's wait, for nothing the marker does not already give.
+A job without a marker (the webhooks outbox) has no such repair: it is answered after an
+``fsync`` of the directory.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
+
+from .commit_marker import PublishState, checksum, marked, unmarked
 
 log = logging.getLogger("mailrelay.spool")
 
@@ -35,6 +46,15 @@ class FileWrite:
     replace: bool = False
 
 
+@dataclass(frozen=True)
+class Seal:
+    """End ``envelope_path`` with the commit marker over it and ``content_path`` before the flush."""
+
+    content_path: str
+    envelope_path: str
+    to: PublishState = "ready"
+
+
 @dataclass
 class Job:
     """Write some files, then (after the flush) rename some, then resolve ``future``."""
@@ -42,6 +62,7 @@ class Job:
     writes: list[FileWrite] = field(default_factory=list)
     flush: list[str] = field(default_factory=list)      # already-written files to make durable
     renames: list[tuple[str, str]] = field(default_factory=list)
+    seal: Seal | None = None
     future: asyncio.Future[None] | None = None
     loop: asyncio.AbstractEventLoop | None = None
 
@@ -84,8 +105,10 @@ class GroupCommitter:
         self._queue: queue.SimpleQueue[Job | Discard | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._dir_fd = -1
+        self._renames_unsynced = False
         self.batches = 0
         self.jobs = 0
+        self.directory_syncs = 0   # fsyncs of the directory made only to persist earlier renames
 
     def start(self) -> None:
         self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -141,6 +164,19 @@ class GroupCommitter:
                 self._process(batch)
             for discard in discards:
                 _discard(discard)
+            if self._renames_unsynced and (stopping or self._queue.empty()):
+                self._sync_renames()
+
+    def _sync_renames(self) -> None:
+        """Persist the renames of answered batches now that no batch is waiting to carry them."""
+        self._renames_unsynced = False
+        self.directory_syncs += 1
+        try:
+            os.fsync(self._dir_fd)
+        except OSError as e:
+            # Every message it concerns was acknowledged after its flush; if the renames are lost,
+            # start-up publishes the marked .envelope.new files.
+            log.error("spool: could not sync the directory after publishing messages: %s", e)
 
     def _process(self, batch: list[Job]) -> None:
         self.batches += 1
@@ -150,6 +186,8 @@ class GroupCommitter:
         for i, job in enumerate(batch):
             try:
                 written[i] = []
+                if job.seal is not None and self.durable:
+                    _seal(job, job.seal)
                 for w in job.writes:
                     _write_file(w)
                     written[i].append(w.path)
@@ -173,23 +211,39 @@ class GroupCommitter:
             except OSError as e:
                 errors[i] = e
         if self.durable and any(renamed.values()):
+            self._renames_unsynced = True
+        # A job without a commit marker (the webhooks outbox) has nothing that could repair a
+        # lost rename: its answer waits for an fsync of the directory, which a sealed job's need not.
+        unsealed = [i for i, done in renamed.items()
+                    if self.durable and done and batch[i].seal is None and i not in errors]
+        self._finish(batch, [i for i in range(len(batch)) if i not in unsealed], errors, written, renamed)
+        if unsealed:
             try:
                 os.fsync(self._dir_fd)
+                self._renames_unsynced = False
             except OSError as e:
-                # The renames may not survive a crash: nobody gets an acknowledgement.
-                for i in range(len(batch)):
-                    errors.setdefault(i, e)
-        for i in errors:
-            # A client told to retry must not find its message queued as well (it would go out
-            # twice), nor half of it left behind: take back what this job published and wrote.
-            _undo(written.get(i, []), renamed.get(i, []))
-        self._complete(batch, errors)
+                for i in unsealed:
+                    errors[i] = e
+            self._finish(batch, unsealed, errors, written, renamed)
+
+    def _finish(self, batch: list[Job], which: list[int], errors: dict[int, BaseException],
+                written: dict[int, list[str]], renamed: dict[int, list[tuple[str, str]]]) -> None:
+        """Answer the jobs ``which`` of ``batch`` (indexes), taking back what a failed one did."""
+        for i in which:
+            if i in errors:
+                # A client told to retry must not find its message queued as well (it would go
+                # out twice), nor half of it left behind: take back what this job published and wrote.
+                _undo(written.get(i, []), renamed.get(i, []))
+        if which:
+            self._complete([batch[i] for i in which], {n: errors[i] for n, i in enumerate(which) if i in errors})
 
     def _flush(self, paths: list[str]) -> None:
+        """Make the files' data and names durable (and with them the previous batch's renames)."""
         if self.sync_method == "syncfs" and _syncfs is not None:
             if _syncfs(self._dir_fd) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"syncfs: {os.strerror(err)}")
+            self._renames_unsynced = False
             return
         for path in paths:
             fd = os.open(path, os.O_RDONLY)
@@ -197,6 +251,8 @@ class GroupCommitter:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
+        os.fsync(self._dir_fd)  # the names of files created since the last flush
+        self._renames_unsynced = False
 
     @staticmethod
     def _complete(batch: list[Job], errors: dict[int, BaseException]) -> None:
@@ -230,6 +286,25 @@ def _resolve(items: list[tuple[Job, BaseException | None]]) -> None:
             fut.set_result(None)
         else:
             fut.set_exception(error)
+
+
+def _seal(job: Job, seal: Seal) -> None:
+    """Put the commit marker on the job's envelope: into its write, or by rewriting the file."""
+    content = next((w for w in job.writes if w.path == seal.content_path), None)
+    envelope = next((w for w in job.writes if w.path == seal.envelope_path), None)
+    if content is not None:
+        size_crc = checksum(content.parts)
+    else:  # written earlier (server filters may have edited it): checksum what is on disk
+        with open(seal.content_path, "rb") as f:
+            size_crc = checksum(iter(lambda: f.read(1 << 20), b""))
+    if envelope is not None:
+        envelope.parts = [marked(unmarked(b"".join(envelope.parts)), size_crc, seal.to)]
+        return
+    with open(seal.envelope_path, "rb") as f:
+        data = marked(unmarked(f.read()), size_crc, seal.to)
+    job.writes.append(FileWrite(seal.envelope_path, [data], replace=True))
+    if seal.envelope_path in job.flush:
+        job.flush.remove(seal.envelope_path)
 
 
 def _write_file(w: FileWrite) -> None:

@@ -121,6 +121,8 @@ class Envelope:
                 recipients.append(Recipient(value, mailbox=value))
             elif name == "End":
                 ended = True
+            elif name == "Committed":
+                continue  # the commit marker (commit_marker.py): not part of the envelope
             elif name in _KNOWN:
                 known[name] = value
             else:

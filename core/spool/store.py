@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
-from .committer import Discard, FileWrite, GroupCommitter, Job, SyncMethod, _unlink_quietly
+from . import commit_marker
+from .committer import Discard, FileWrite, GroupCommitter, Job, Seal, SyncMethod, _unlink_quietly
 from .envelope import Envelope
 
 log = logging.getLogger("mailrelay.spool")
@@ -85,15 +86,21 @@ class Spool:
         self._committer.stop()
 
     def sweep_orphans(self, older_than: float = ORPHAN_AGE) -> int:
-        """Remove what a crash left behind: ``.envelope.new`` files and content without envelope.
+        """Tidy what a crash left behind; the number of leftovers removed.
 
-        Such messages were never acknowledged. Only files older than ``older_than`` seconds go,
-        so another process sharing the spool keeps its in-flight messages.
+        A ``.envelope.new`` from before the last system start whose commit marker matches its
+        files was committed (and maybe acknowledged) but lost its rename in the crash: it is
+        published, into the state the marker names. Every other ``.envelope.new``, and content
+        without an envelope, was never acknowledged and is removed, but only when older than
+        ``older_than`` seconds, so another process sharing the spool keeps its in-flight
+        messages. (A process that was killed leaves no committed message unpublished: its
+        renames survive it.)
         """
         cutoff = time.time() - older_than
-        removed = 0
+        booted = system_boot_time()
+        removed = published = 0
         names = set(os.listdir(self.directory))
-        for name in names:
+        for name in sorted(names):
             path = self.directory / name
             stem = None
             if name.endswith(".envelope.new"):
@@ -105,16 +112,49 @@ class Spool:
             if stem is None:
                 continue
             try:
-                if path.stat().st_mtime > cutoff:
-                    continue
+                mtime = path.stat().st_mtime
             except FileNotFoundError:
+                continue
+            # Without a boot time (not Linux), an old enough committed .new is published too:
+            # at worst a duplicate of a message whose client was not answered.
+            before_crash = mtime < booted if booted is not None else mtime <= cutoff
+            if name.endswith(".envelope.new") and before_crash and self._publish_committed(stem):
+                published += 1
+                continue
+            if mtime > cutoff:
                 continue
             _unlink_quietly(str(path))
             if name.endswith(".envelope.new"):
                 _unlink_quietly(str(self.directory / (stem + ".content")))
             removed += 1
             log.warning("spool: removed unacknowledged leftover %s", name)
+        if published:
+            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         return removed
+
+    def _publish_committed(self, stem: str) -> bool:
+        """Publish ``<stem>.envelope.new`` if its commit marker matches it and its content."""
+        if not is_valid_id(stem):
+            return False
+        new = self.envelope_path(stem, "new")
+        try:
+            marker = commit_marker.read_marker(new.read_bytes())
+        except OSError:
+            return False
+        if marker is None or not commit_marker.content_matches(marker, self.content_path(stem)):
+            return False
+        target = self.envelope_path(stem, marker.to)
+        try:
+            os.rename(new, target)
+        except OSError as e:
+            log.error("spool: could not publish %s, committed before a system crash: %s", new.name, e)
+            return False
+        log.warning("spool: published %s: it was committed before a system crash took its rename", target.name)
+        return True
 
     def _referenced_from_mailbox(self, message_id: str) -> bool:
         """E-MailRelay's ``copy:pop`` leaves the content here and the envelope in a mailbox
@@ -153,6 +193,7 @@ class Spool:
                           FileWrite(str(pending.envelope_path), [envelope.to_bytes()])])
         if commit:
             job.renames.append((str(pending.envelope_path), str(self.envelope_path(message_id))))
+            job.seal = Seal(str(pending.content_path), str(pending.envelope_path))
         try:
             await self._committer.submit(job)
         except OSError as e:
@@ -162,7 +203,10 @@ class Spool:
     async def commit(self, pending: PendingMessage, *, new_content: bytes | None = None,
                      envelope: Envelope | None = None, state: State = "ready") -> None:
         """Make a written message durable and publish it (``state`` ``bad`` for quarantine)."""
-        job = Job(renames=[(str(pending.envelope_path), str(self.envelope_path(pending.id, state)))])
+        if state not in ("ready", "bad"):
+            raise ValueError(f"a commit publishes into ready or bad, not {state}")
+        job = Job(renames=[(str(pending.envelope_path), str(self.envelope_path(pending.id, state)))],
+                  seal=Seal(str(pending.content_path), str(pending.envelope_path), state))
         if new_content is not None:
             job.writes.append(FileWrite(str(pending.content_path), [new_content], replace=True))
         else:
@@ -224,6 +268,21 @@ class Spool:
                 yield message_id, self.read_envelope(message_id)
             except (OSError, ValueError) as e:
                 log.warning("spool: skipping %s: %s", message_id, e)
+
+
+def system_boot_time() -> float | None:
+    """When the running system started (seconds since the epoch), or None where unknown.
+
+    Files written before it belong to no running process: what the spool's sweep may repair.
+    """
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _spool_error(what: str, e: OSError) -> SpoolError:
