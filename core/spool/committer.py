@@ -8,7 +8,7 @@ the directory), renames the envelopes into place and resolves the futures. So a 
 forty.
 
 The renames themselves are made durable by the next batch's flush, or by an ``fsync`` of the
-directory as soon as the worker finds its queue empty; until then a system crash can undo one,
+directory when no batch has come for ``RENAME_SYNC_DELAY``; until then a system crash can undo one,
 which is what the marker is for: recovery publishes a ``.envelope.new`` whose marker matches its
 files (:meth:`mailrelay.spool.store.Spool.sweep_orphans`). Waiting for that second flush before
 answering would double every client's wait, for nothing the marker does not already give.
@@ -26,6 +26,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
 
@@ -35,6 +36,9 @@ log = logging.getLogger("mailrelay.spool")
 
 SyncMethod = Literal["syncfs", "fsync"]
 FILE_MODE = 0o660  # E-MailRelay's spool files are group read/write, so filters in the group can edit them
+# Seconds the worker waits for another batch before it persists answered renames on its own: a
+# flood's next batch comes sooner and carries them, so the flood pays no flush of its own for them.
+RENAME_SYNC_DELAY = 0.05
 
 
 @dataclass
@@ -106,6 +110,7 @@ class GroupCommitter:
         self._thread: threading.Thread | None = None
         self._dir_fd = -1
         self._renames_unsynced = False
+        self._renamed_at = 0.0     # when the oldest rename not yet flushed was made
         self.batches = 0
         self.jobs = 0
         self.directory_syncs = 0   # fsyncs of the directory made only to persist earlier renames
@@ -148,7 +153,17 @@ class GroupCommitter:
         while not stopping:
             batch: list[Job] = []
             discards: list[Discard] = []
-            item = self._queue.get()
+            timeout = None
+            if self._renames_unsynced:  # a batch arriving soon carries them with its flush
+                timeout = self._renamed_at + RENAME_SYNC_DELAY - time.monotonic()
+                if timeout <= 0:
+                    self._sync_renames()
+                    timeout = None
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                self._sync_renames()
+                continue
             while True:
                 if item is None:
                     stopping = True
@@ -164,8 +179,8 @@ class GroupCommitter:
                 self._process(batch)
             for discard in discards:
                 _discard(discard)
-            if self._renames_unsynced and (stopping or self._queue.empty()):
-                self._sync_renames()
+        if self._renames_unsynced:
+            self._sync_renames()
 
     def _sync_renames(self) -> None:
         """Persist the renames of answered batches now that no batch is waiting to carry them."""
@@ -210,8 +225,9 @@ class GroupCommitter:
                     renamed[i].append((src, dst))
             except OSError as e:
                 errors[i] = e
-        if self.durable and any(renamed.values()):
+        if self.durable and any(renamed.values()) and not self._renames_unsynced:
             self._renames_unsynced = True
+            self._renamed_at = time.monotonic()
         # A job without a commit marker (the webhooks outbox) has nothing that could repair a
         # lost rename: its answer waits for an fsync of the directory, which a sealed job's need not.
         unsealed = [i for i, done in renamed.items()
