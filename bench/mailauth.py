@@ -45,6 +45,7 @@ from pathlib import Path
 import forward  # bench/ is on sys.path
 import loadgen
 from accept import Server, _fmt, cpu_split, describe_machine, free_port, median, spread
+from profiles import print_py_spy
 
 from mailrelay_plugins.mailauth import keys, signing
 from mailrelay_plugins.mailauth.settings import DEFAULT_HEADERS
@@ -144,6 +145,26 @@ def run_forward(variant: str, repeat: int, args: argparse.Namespace, made: dict[
             (line for line in stderr.splitlines() if "dkim" in line), "no dkim log line")
     shutil.rmtree(workdir, ignore_errors=True)
     return Figure(variant, repeat, result.msgs_per_s, result.cpu_ms_per_msg, problem)
+
+
+def profile_forward(variant: str, args: argparse.Namespace, made: dict[str, tuple[Path, str]], root: Path) -> None:
+    """One more forward run of ``variant`` under py-spy (forward.py's profile tables and phases)."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"profile-{variant}-", dir=root))
+    spool = workdir / "spool"
+    forward.prepare_spool(spool, args.messages, args.size, args.domains)
+    options = argparse.Namespace(shared_sink=False, smtp_sink=args.smtp_sink, durability="fsync", concurrency=0,
+                                 per_destination=0, dkim_section=dkim_section(variant, made), rate=args.rate)
+    out = workdir / "relay.pyspy.txt"
+    result = forward.run_forward("forward", spool, args.messages, args.domains, 0, workdir, options,
+                                 profile_to=out)
+    state = f"INVALID: {result.problem}" if result.problem else "ok"
+    print(f"\n# profile of {variant} with py-spy --rate {args.rate}: msgs/s={_fmt(result.msgs_per_s)} "
+          f"(under the profiler; not comparable) {state}", flush=True)
+    if out.exists():
+        print_py_spy(out, args.top)
+        forward.print_phases(out)
+    else:
+        print(f"# no profile written: {(workdir / 'forward.stderr').read_text(errors='replace')[-300:]}")
 
 
 # ------------------------------------------------------------------------------------------ accepting
@@ -272,6 +293,10 @@ def main() -> int:
     parser.add_argument("--only", choices=("forward", "accept"), default=None)
     parser.add_argument("--smtp-sink", default=shutil.which("smtp-sink") or "/usr/sbin/smtp-sink")
     parser.add_argument("--tmpdir", default=None)
+    parser.add_argument("--profile", choices=FORWARD_VARIANTS, default=None,
+                        help="afterwards, forward once more with this variant under py-spy")
+    parser.add_argument("--top", type=int, default=25, help="functions to list per profile table")
+    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     args = parser.parse_args()
     if args.only != "accept" and not os.access(args.smtp_sink, os.X_OK):
         parser.error(f"{args.smtp_sink} not found: apt-get install -y --no-install-recommends postfix")
@@ -296,6 +321,10 @@ def main() -> int:
                 for variant in order:
                     figures.append(run_accept(variant, rep, args, payload, dns_port, root))
                     _show(figures[-1])
+        if args.profile:
+            profile_forward(args.profile, args, made, root)
+        if not figures:
+            return 0
         print(f"# medians over {args.repeat} repeats; ratios paired within a repeat")
         return report(figures, args)
     finally:
