@@ -109,6 +109,8 @@ class Verdict:
 
     @classmethod
     def cont(cls, *, recipient: Recipient | None = None) -> "Verdict":
+        if recipient is None and cls is Verdict:
+            return _CONTINUE  # the commonest answer of all: one shared (frozen) instance
         return cls._make(Action.CONT, None, None, None, recipient=recipient)
 
     @classmethod
@@ -151,6 +153,7 @@ def _enhanced_for(code: int, default: str) -> str:
     return f"{code // 100}{default[1:]}"
 
 
+_CONTINUE = Verdict._make(Action.CONT, None, None, None)
 _session_ids = itertools.count(1)
 
 

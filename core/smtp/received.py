@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import ipaddress
 import re
+import time
 from datetime import datetime
 
 from ..types import Session
@@ -36,16 +37,27 @@ def _address_literal(ip: str) -> str:
 def received_header(session: Session, domain: str, message_id: str, smtputf8: bool,
                     now: datetime | None = None) -> bytes:
     """``Received: from HELO ([ip]) by DOMAIN with PROTO [tls CIPHER] id ID ; DATE`` + CRLF."""
-    now = now or datetime.now().astimezone()
     parts = [f"Received: from {_printable(session.helo)} ({_address_literal(session.peer_ip)})",
              f"by {_printable(domain)}", f"with {protocol_keyword(session, smtputf8)}"]
     if session.tls and session.tls_cipher:
         parts.append(f"tls {_printable(session.tls_cipher).replace('-', '_')}")
     parts.append(f"id {message_id}")
     line = " ".join(parts)
-    date = email.utils.format_datetime(now)
+    date = email.utils.format_datetime(now) if now is not None else _date_now()
     # Fold before the date so the header stays well under 998 octets and readable.
     return f"{line} ;\r\n\t{date}\r\n".encode("ascii")
+
+
+_date_cache: tuple[int, str] = (-1, "")
+
+
+def _date_now() -> str:
+    """RFC 5322 date-time of this second, local offset; formatted once a second, not per message."""
+    global _date_cache
+    second = int(time.time())
+    if _date_cache[0] != second:
+        _date_cache = (second, email.utils.format_datetime(datetime.fromtimestamp(second).astimezone()))
+    return _date_cache[1]
 
 
 def count_hops(content: bytes) -> int:
