@@ -353,6 +353,15 @@ def _undo(written: list[str], renamed: list[tuple[str, str]]) -> None:
         _unlink_quietly(path)
 
 
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make the entries of a directory (creations, renames, removals) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 from . import commit_marker
-from .committer import Discard, FileWrite, GroupCommitter, Job, Seal, SyncMethod, _unlink_quietly
+from .committer import Discard, FileWrite, GroupCommitter, Job, Seal, SyncMethod, _unlink_quietly, fsync_dir
 from .envelope import Envelope
 
 log = logging.getLogger("mailrelay.spool")
@@ -129,11 +129,7 @@ class Spool:
             removed += 1
             log.warning("spool: removed unacknowledged leftover %s", name)
         if published:
-            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(self.directory)
         return removed
 
     def _publish_committed(self, stem: str) -> bool:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 from mailrelay_sdk import Envelope, FilterAction, FilterResult, Message
 
 from mailrelay.filtering import Filter, FilterSpec
+from mailrelay.spool import fsync_dir
 
 log = logging.getLogger("mailrelay.filters")
 
@@ -136,11 +137,7 @@ class FilterChain:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
         if durable:
-            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(path.parent)
 
 
 def _read_back(message: Message) -> tuple[bytes, Envelope]:

@@ -39,6 +39,7 @@ from typing import Any, Callable
 from mailrelay_sdk import Envelope, FilterResult, Message, hookimpl
 
 from mailrelay.filtering import FilterSpec, FilterSpecError
+from mailrelay.spool import fsync_dir
 
 log = logging.getLogger("mailrelay.filters")
 
@@ -50,15 +51,6 @@ _sequence = itertools.count()
 
 
 # ---------------------------------------------------------------- durable file primitives
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Make the entries of a directory (creations, renames, removals) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_file(path: Path, data: bytes, durable: bool, mode: int = FILE_MODE, *, exclusive: bool = False) -> None:
     """Write ``data`` to ``path`` (created with ``mode``; with ``exclusive`` it must not exist),
     flushed to disk when ``durable``."""

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from mailrelay.config.loader import ConfigError
+from mailrelay.spool import fsync_dir
 
 KeyType = Literal["rsa", "ed25519"]
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
@@ -143,8 +144,4 @@ def write_private(path: Path, data: bytes) -> None:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(directory)

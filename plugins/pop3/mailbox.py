@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from mailrelay.spool import fsync_dir
+
 from .wire import wire_size
 
 log = logging.getLogger("mailrelay.pop3")
@@ -69,14 +71,6 @@ def uid_for(unique: str) -> str:
     if _UID_RE.fullmatch(unique):
         return unique
     return "H" + hashlib.sha256(os.fsencode(unique)).hexdigest()[:40]
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SizeCache:

@@ -17,7 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
-from mailrelay.spool.committer import FILE_MODE, Discard, FileWrite, GroupCommitter, Job, SyncMethod
+from mailrelay.spool.committer import FILE_MODE, Discard, FileWrite, GroupCommitter, Job, SyncMethod, fsync_dir
 
 log = logging.getLogger("mailrelay.webhooks")
 
@@ -87,11 +87,7 @@ class Outbox:
                 os.close(fd)
             os.replace(final + TMP, final)
         if self.durable:
-            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(self.directory)
 
     async def read(self, hook: str, event_id: str) -> bytes | None:
         """The body to send; ``None`` if the file has gone (an operator removed it)."""
