@@ -6,6 +6,7 @@ behind; every durability setting still writes complete files; concurrent session
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import re
@@ -427,10 +428,16 @@ def test_a_committed_message_whose_rename_a_system_crash_lost_is_published_at_st
         _before_boot(path)
 
     with RunningRelay(spool_dir) as relay:
+        # The torn one is set aside, not deleted (and not forwarded): the marker says it was
+        # committed, the content says the commit never finished.
+        bad = relay.spool.envelope_path(torn, "bad")
+        assert "content incomplete after a crash (1000 of" in Envelope.from_bytes(bad.read_bytes()).reason
+        bad.unlink()
+        relay.spool.content_path(torn).unlink()
         assert_stored_completely(relay.spool, accepted)
 
 
-def test_recovery_publishes_a_committed_quarantine_as_bad_and_leaves_young_leftovers(tmp_path: Path):
+def test_recovery_publishes_a_committed_quarantine_as_bad_and_old_committed_leftovers(tmp_path: Path):
     spool = Spool(tmp_path / "spool")
     spool.open()
     try:
@@ -441,20 +448,23 @@ def test_recovery_publishes_a_committed_quarantine_as_bad_and_leaves_young_lefto
         spool.envelope_path(bad, "new").write_bytes(
             commit_marker.marked(envelope, commit_marker.checksum([content]), "bad"))
         _before_boot(spool.envelope_path(bad, "new"))
-        # Committed by a process that was killed (after this boot): its client got no answer,
-        # and a live process may still be at it, so only age removes it, as before.
-        killed = "emailrelay.1.100.2"
-        spool.content_path(killed).write_bytes(content)
-        spool.envelope_path(killed, "new").write_bytes(
+        # Committed since this boot: a live process sharing the spool may be about to rename it,
+        # so it is left alone while young; once old it is published (a killed process's message,
+        # or a rename lost on a host that took over the disk: a duplicate at worst, never a loss).
+        later = "emailrelay.1.100.2"
+        spool.content_path(later).write_bytes(content)
+        spool.envelope_path(later, "new").write_bytes(
             commit_marker.marked(envelope, commit_marker.checksum([content]), "ready"))
 
         assert spool.sweep_orphans() == 0
         assert spool.ids("bad") == [bad]
         assert Envelope.from_bytes(spool.envelope_path(bad, "bad").read_bytes()).sender == "a@b.test"
-        assert spool.ids("new") == [killed]
-        _age(spool.envelope_path(killed, "new"), 3_600)
-        assert spool.sweep_orphans() == 1
-        assert sorted(os.listdir(spool.directory)) == [f"{bad}.content", f"{bad}.envelope.bad"]
+        assert spool.ids("new") == [later]
+        _age(spool.envelope_path(later, "new"), 3_600)
+        assert spool.sweep_orphans() == 0
+        assert spool.ids() == [later]
+        assert sorted(os.listdir(spool.directory)) == sorted(
+            [f"{bad}.content", f"{bad}.envelope.bad", f"{later}.content", f"{later}.envelope"])
     finally:
         spool.close()
 
@@ -468,3 +478,36 @@ def test_the_commit_marker_stays_out_of_the_envelope_fields():
     assert commit_marker.read_marker(raw) is not None
     assert commit_marker.read_marker(raw.replace(b"a@b.test", b"a@c.test")) is None
     assert commit_marker.read_marker(raw[:-3]) is None
+
+
+def test_a_commit_after_server_filters_seals_an_envelope_they_rewrote_with_bare_line_feeds(tmp_path: Path):
+    # E-MailRelay's filter contract lets a filter edit the envelope file; one written with LF
+    # line ends and no final line end still gets a readable marker (and an intact End line).
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    try:
+        message_id = spool.new_id()
+        content = b"Subject: filtered\r\n\r\nbody\r\n"
+        pending = asyncio.run(_write_then_commit(spool, message_id, content))
+        raw = spool.envelope_path(message_id).read_bytes()
+        assert b"\r\nX-MailRelay-End: 1\r\nX-MailRelay-Committed: " in raw
+        assert b"\n" not in raw.replace(b"\r\n", b"")
+        assert Envelope.from_bytes(raw).forward_to == "127.0.0.1:2525"
+        # the rename lost in a system crash: start-up finds the committed .new and publishes it
+        os.rename(spool.envelope_path(message_id), pending.envelope_path)
+        for path in (pending.envelope_path, pending.content_path):
+            _before_boot(path)
+        assert spool.ids() == []
+        spool.sweep_orphans()
+        assert spool.ids() == [message_id]
+    finally:
+        spool.close()
+
+
+async def _write_then_commit(spool: Spool, message_id: str, content: bytes):
+    pending = await spool.write(message_id, Envelope("a@b.test", ()), [content], commit=False)
+    edited = pending.envelope_path.read_bytes().replace(
+        b"X-MailRelay-End: 1\r\n", b"X-MailRelay-ForwardTo: 127.0.0.1:2525\r\nX-MailRelay-End: 1")
+    pending.envelope_path.write_bytes(edited.replace(b"\r\n", b"\n"))
+    await spool.commit(pending)
+    return pending

@@ -2,7 +2,7 @@
 
 The commit thread publishes a message (renames ``.envelope.new`` to ``.envelope``) after the flush
 that made its files durable, and answers the client then, without a second flush for the rename:
-the next batch's flush, or the one the thread makes as soon as it is idle, carries it. If the
+the next batch's flush carries it, or an fsync of the directory after 50 ms without a batch. If the
 system goes down in between, the rename can be lost while the client has its 250. So the envelope
 the commit flushes ends with one more line, after ``End`` (where E-MailRelay stops reading):
 
@@ -46,25 +46,38 @@ def checksum(parts: Iterable[bytes]) -> tuple[int, int]:
 
 
 def marked(envelope: bytes, content: tuple[int, int], to: PublishState) -> bytes:
-    """``envelope`` (without a marker) followed by its marker line for ``content``'s (size, crc)."""
+    """``envelope`` without any marker, with CRLF line ends (a server filter may have written
+    LF, or no final line end), followed by its marker line for ``content``'s (size, crc)."""
+    envelope = unmarked(envelope).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if envelope and not envelope.endswith(b"\r\n"):
+        envelope += b"\r\n"
     size, crc = content
     return envelope + (b"%sto=%s size=%d crc32=%08x envelope-crc32=%08x\r\n"
                        % (FIELD, to.encode(), size, crc, zlib.crc32(envelope)))
 
 
+def _final_marker(envelope: bytes) -> tuple[int, re.Match[bytes]] | None:
+    """(where the marker line starts, its match) if the envelope's last line is a marker line."""
+    at = envelope.rfind(b"\n" + FIELD)
+    if at < 0:
+        return None
+    match = _LINE.match(envelope, at + 1)
+    return (at + 1, match) if match is not None else None
+
+
 def unmarked(envelope: bytes) -> bytes:
-    """``envelope`` without a trailing marker line (one left by an earlier commit)."""
-    at = envelope.rfind(b"\r\n" + FIELD)
-    return envelope[:at + 2] if at >= 0 else envelope
+    """``envelope`` without its final marker line, if it ends with one (an earlier commit's)."""
+    found = _final_marker(envelope)
+    return envelope[:found[0]] if found is not None else envelope
 
 
 def read_marker(envelope: bytes) -> Marker | None:
     """The marker if the envelope ends with one that matches the bytes before it, else None."""
-    at = envelope.rfind(b"\r\n" + FIELD)
-    if at < 0:
+    found = _final_marker(envelope)
+    if found is None:
         return None
-    match = _LINE.match(envelope, at + 2)
-    if match is None or int(match.group(4), 16) != zlib.crc32(envelope[:at + 2]):
+    at, match = found
+    if int(match.group(4), 16) != zlib.crc32(envelope[:at]):
         return None
     return Marker(match.group(1).decode(), int(match.group(2)), int(match.group(3), 16))  # type: ignore[arg-type]
 

@@ -9,8 +9,8 @@ forty.
 
 The renames themselves are made durable by the next batch's flush, or by an ``fsync`` of the
 directory when no batch has come for ``RENAME_SYNC_DELAY``; until then a system crash can undo one,
-which is what the marker is for: recovery publishes a ``.envelope.new`` whose marker matches its
-files (:meth:`mailrelay.spool.store.Spool.sweep_orphans`). Waiting for that second flush before
+which is what the marker is for: start-up publishes a settled ``.envelope.new`` whose marker
+matches its files (:meth:`mailrelay.spool.store.Spool.sweep_orphans`). Waiting for that second flush before
 answering would double every client's wait, for nothing the marker does not already give.
 A job without a marker (the webhooks outbox) has no such repair: it is answered after an
 ``fsync`` of the directory.
@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
 
-from .commit_marker import PublishState, checksum, marked, unmarked
+from .commit_marker import PublishState, checksum, marked
 
 log = logging.getLogger("mailrelay.spool")
 
@@ -314,10 +314,10 @@ def _seal(job: Job, seal: Seal) -> None:
         with open(seal.content_path, "rb") as f:
             size_crc = checksum(iter(lambda: f.read(1 << 20), b""))
     if envelope is not None:
-        envelope.parts = [marked(unmarked(b"".join(envelope.parts)), size_crc, seal.to)]
+        envelope.parts = [marked(b"".join(envelope.parts), size_crc, seal.to)]
         return
     with open(seal.envelope_path, "rb") as f:
-        data = marked(unmarked(f.read()), size_crc, seal.to)
+        data = marked(f.read(), size_crc, seal.to)
     job.writes.append(FileWrite(seal.envelope_path, [data], replace=True))
     if seal.envelope_path in job.flush:
         job.flush.remove(seal.envelope_path)

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 from . import commit_marker
-from .committer import Discard, FileWrite, GroupCommitter, Job, Seal, SyncMethod, _unlink_quietly, fsync_dir
+from .committer import (FILE_MODE, Discard, FileWrite, GroupCommitter, Job, Seal, SyncMethod, _unlink_quietly,
+                        fsync_dir)
 from .envelope import Envelope
 
 log = logging.getLogger("mailrelay.spool")
@@ -88,17 +89,18 @@ class Spool:
     def sweep_orphans(self, older_than: float = ORPHAN_AGE) -> int:
         """Tidy what a crash left behind; the number of leftovers removed.
 
-        A ``.envelope.new`` from before the last system start whose commit marker matches its
-        files was committed (and maybe acknowledged) but lost its rename in the crash: it is
-        published, into the state the marker names. Every other ``.envelope.new``, and content
-        without an envelope, was never acknowledged and is removed, but only when older than
-        ``older_than`` seconds, so another process sharing the spool keeps its in-flight
-        messages. (A process that was killed leaves no committed message unpublished: its
-        renames survive it.)
+        A ``.envelope.new`` whose commit marker matches its envelope was committed: the client
+        may have its 250, and a system crash may have taken the rename after the flush. Once it
+        predates the system's start or is older than ``older_than`` seconds (so no live process
+        is still committing it), it is published into the state the marker names if its content
+        matches too, else set aside as ``.envelope.bad`` with the reason: never deleted. Every
+        other ``.envelope.new``, and content without an envelope, was never acknowledged and is
+        removed once older than ``older_than`` seconds, so another process sharing the spool
+        keeps its in-flight messages.
         """
         cutoff = time.time() - older_than
         booted = system_boot_time()
-        removed = published = 0
+        removed = repaired = 0
         names = set(os.listdir(self.directory))
         for name in sorted(names):
             path = self.directory / name
@@ -115,11 +117,9 @@ class Spool:
                 mtime = path.stat().st_mtime
             except FileNotFoundError:
                 continue
-            # Without a boot time (not Linux), an old enough committed .new is published too:
-            # at worst a duplicate of a message whose client was not answered.
-            before_crash = mtime < booted if booted is not None else mtime <= cutoff
-            if name.endswith(".envelope.new") and before_crash and self._publish_committed(stem):
-                published += 1
+            settled = mtime <= cutoff or (booted is not None and mtime < booted)
+            if name.endswith(".envelope.new") and settled and self._repair_committed(stem):
+                repaired += 1
                 continue
             if mtime > cutoff:
                 continue
@@ -128,29 +128,43 @@ class Spool:
                 _unlink_quietly(str(self.directory / (stem + ".content")))
             removed += 1
             log.warning("spool: removed unacknowledged leftover %s", name)
-        if published:
+        if repaired:
             fsync_dir(self.directory)
         return removed
 
-    def _publish_committed(self, stem: str) -> bool:
-        """Publish ``<stem>.envelope.new`` if its commit marker matches it and its content."""
+    def _repair_committed(self, stem: str) -> bool:
+        """Publish, or set aside as bad, ``<stem>.envelope.new`` if it carries a commit marker
+        that matches it; False when it has none (never committed), True when it has one (if the
+        repair fails, the file stays for an operator)."""
         if not is_valid_id(stem):
             return False
         new = self.envelope_path(stem, "new")
         try:
-            marker = commit_marker.read_marker(new.read_bytes())
+            raw = new.read_bytes()
         except OSError:
             return False
-        if marker is None or not commit_marker.content_matches(marker, self.content_path(stem)):
+        marker = commit_marker.read_marker(raw)
+        if marker is None:
             return False
-        target = self.envelope_path(stem, marker.to)
+        content = self.content_path(stem)
         try:
-            os.rename(new, target)
-        except OSError as e:
-            log.error("spool: could not publish %s, committed before a system crash: %s", new.name, e)
-            return False
-        log.warning("spool: published %s: it was committed before a system crash took its rename", target.name)
-        return True
+            if commit_marker.content_matches(marker, content):
+                target = self.envelope_path(stem, marker.to)
+                os.rename(new, target)
+                log.warning("spool: published %s: committed before a crash, which took its rename", target.name)
+                return True
+            size = content.stat().st_size if content.exists() else 0
+            reason = (f"content incomplete after a crash ({size} of {marker.size} octets): its commit did "
+                      "not finish, so its client was not told 250")
+            bad = Envelope.from_bytes(commit_marker.unmarked(raw), source=str(new)).with_reason(reason)
+            _write_new_file(self.envelope_path(stem, "bad"), bad.to_bytes())
+            _unlink_quietly(str(new))
+            log.warning("spool: set aside %s.envelope.bad: %s", stem, reason)
+            return True
+        except (OSError, ValueError) as e:
+            # Kept as it is, never removed: an operator can look at it.
+            log.error("spool: could not repair %s, committed before a crash: %s", new.name, e)
+            return True
 
     def _referenced_from_mailbox(self, message_id: str) -> bool:
         """E-MailRelay's ``copy:pop`` leaves the content here and the envelope in a mailbox
@@ -264,6 +278,15 @@ class Spool:
                 yield message_id, self.read_envelope(message_id)
             except (OSError, ValueError) as e:
                 log.warning("spool: skipping %s: %s", message_id, e)
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def system_boot_time() -> float | None:
