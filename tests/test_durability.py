@@ -511,3 +511,49 @@ async def _write_then_commit(spool: Spool, message_id: str, content: bytes):
     pending.envelope_path.write_bytes(edited.replace(b"\r\n", b"\n"))
     await spool.commit(pending)
     return pending
+
+
+# ---------------------------------------------------------------- when renames are synced
+def _commit_once(spool: Spool, n: int) -> str:
+    message_id = spool.new_id()
+    asyncio.run(spool.write(message_id, Envelope("a@b.test", ()), [message(n)], commit=True))
+    return message_id
+
+
+def test_the_next_batch_carries_the_renames_of_the_last_and_stopping_syncs_what_is_left(tmp_path: Path,
+                                                                                       commit_steps):
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    committer = spool._committer
+    committer.rename_sync_delay = 3600.0  # no sync of its own during the test
+    try:
+        _commit_once(spool, 1)
+        _commit_once(spool, 2)
+        # The second batch's syncfs made the first one's rename durable: no fsync between them.
+        assert commit_steps == ["syncfs", "answer", "syncfs", "answer"]
+        assert committer.directory_syncs == 0
+    finally:
+        spool.close()
+    assert commit_steps == ["syncfs", "answer", "syncfs", "answer", "fsync"]  # the last rename, at stop
+    assert committer.directory_syncs == 1
+
+
+def test_renames_are_synced_while_only_removals_keep_the_commit_thread_busy(tmp_path: Path):
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    committer = spool._committer
+    committer.rename_sync_delay = 0.2
+    try:
+        committed = time.monotonic()
+        _commit_once(spool, 1)
+        n = 0
+        while committer.directory_syncs == 0:  # delivered messages' removals, about 100 a second
+            assert time.monotonic() < committed + 10, "the rename was never synced"
+            victim = spool.directory / f"gone.{n}"
+            victim.write_bytes(b"x")
+            spool.discard([victim])
+            n += 1
+            time.sleep(0.01)
+        assert time.monotonic() - committed >= 0.2  # after the delay, not at the first idle moment
+    finally:
+        spool.close()

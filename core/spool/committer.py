@@ -100,7 +100,8 @@ def syncfs_available() -> bool:
 class GroupCommitter:
     """The worker thread; ``durable=False`` skips every flush (the ``durability = "none"`` setting)."""
 
-    def __init__(self, directory: str, *, durable: bool = True, sync_method: SyncMethod = "syncfs"):
+    def __init__(self, directory: str, *, durable: bool = True, sync_method: SyncMethod = "syncfs",
+                 rename_sync_delay: float = RENAME_SYNC_DELAY):
         if sync_method == "syncfs" and _syncfs is None:
             sync_method = "fsync"
         self.directory = directory
@@ -109,6 +110,7 @@ class GroupCommitter:
         self._queue: queue.SimpleQueue[Job | Discard | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._dir_fd = -1
+        self.rename_sync_delay = rename_sync_delay
         self._renames_unsynced = False
         self._renamed_at = 0.0     # when the oldest rename not yet flushed was made
         self.batches = 0
@@ -155,7 +157,7 @@ class GroupCommitter:
             discards: list[Discard] = []
             timeout = None
             if self._renames_unsynced:  # a batch arriving soon carries them with its flush
-                timeout = self._renamed_at + RENAME_SYNC_DELAY - time.monotonic()
+                timeout = self._renamed_at + self.rename_sync_delay - time.monotonic()
                 if timeout <= 0:
                     self._sync_renames()
                     timeout = None
