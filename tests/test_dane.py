@@ -56,6 +56,7 @@ class Certificates:
         self.ta = self.anchor.issue_cert("mx.ta.dane.test")
         self.ta_expired = self.anchor.issue_cert("mx.ta.dane.test", not_before=PAST - datetime.timedelta(days=30),
                                                  not_after=PAST)
+        self.ta_alias = self.anchor.issue_cert("mx.aliasta.dane.test")  # the MX host name, not the expanded one
         self.other = trustme.CA().issue_cert("mx.ee.dane.test")
 
 
@@ -81,6 +82,14 @@ def zone(certs: Certificates, port: int) -> str:
     for label, records in tlsa_records.items():
         lines += [f"{label} MX 10 mx.{label}", f"mx.{label} A 127.0.0.1"]
         lines += [f"_{port}._tcp.mx.{label} TLSA {record}" for record in records]
+    # MX hosts that are CNAME aliases (RFC 7672 section 2.2.2): records at the expanded name, which
+    # come first; records at the MX host name only, the fallback; DANE-TA at the expanded name.
+    lines += ["alias MX 10 mx.alias", "mx.alias CNAME host.alias", "host.alias A 127.0.0.1",
+              f"_{port}._tcp.host.alias TLSA 3 1 1 {ee_key}", f"_{port}._tcp.mx.alias TLSA 3 1 1 {'cd' * 32}",
+              "aliasorig MX 10 mx.aliasorig", "mx.aliasorig CNAME host.aliasorig", "host.aliasorig A 127.0.0.1",
+              f"_{port}._tcp.mx.aliasorig TLSA 3 1 1 {ee_key}",
+              "aliasta MX 10 mx.aliasta", "mx.aliasta CNAME host.aliasta", "host.aliasta A 127.0.0.1",
+              f"_{port}._tcp.host.aliasta TLSA 2 0 1 {anchor}"]
     lines += ["nodane MX 10 mx.nodane", "mx.nodane A 127.0.0.1",
               "_mta-sts.both TXT \"v=STSv1; id=1\"", "mta-sts.both A 127.0.0.1"]
     return "\n".join(lines) + "\n"
@@ -225,20 +234,42 @@ def test_dane_ta_verifies_the_chain_up_to_the_anchor_and_the_mx_name(inprocess_r
     assert sink.wait_for(1)[0].recipients == ["u@ta.dane.test"]
 
 
-@pytest.mark.parametrize("domain, certificate, reason", [
-    ("mismatch.dane.test", "ee", "no TLSA record matches the server's certificate"),
-    ("ee.dane.test", "other", "no TLSA record matches the server's certificate"),
-    ("taname.dane.test", "ta", "leaf certificate has no matching subjectAltName"),
-    ("ta.dane.test", "ta_expired", "cert is not valid at validation time"),
+NO_MATCH = "no TLSA record matches the server's certificate"
+
+
+@pytest.mark.parametrize("domain, certificate, reason, records_of", [
+    ("mismatch.dane.test", "ee", NO_MATCH, "mx"),
+    ("ee.dane.test", "other", NO_MATCH, "mx"),
+    ("taname.dane.test", "ta", "leaf certificate has no matching subjectAltName", "mx"),
+    ("ta.dane.test", "ta_expired", "cert is not valid at validation time", "mx"),
+    # MX hosts that are aliases: the expanded name's records hold; without any, the alias's own
+    ("alias.dane.test", "other", NO_MATCH, "host"),
+    ("aliasorig.dane.test", "other", NO_MATCH, "mx"),
 ])
 def test_a_certificate_that_does_not_match_defers(inprocess_relay, resolver_port, mx, certs, domain, certificate,
-                                                  reason):
+                                                  reason, records_of):
     sink = mx(getattr(certs, certificate))
     relay = dane_relay(inprocess_relay, resolver_port)
     shown = deferred(relay, send(relay, f"u@{domain}"))
     assert f"451 4.7.5 mx.{domain}[127.0.0.1]:{resolver_port[1]}: certificate rejected by the DANE TLSA records " \
-           f"of _{resolver_port[1]}._tcp.mx.{domain}:" in shown and reason in shown
+           f"of _{resolver_port[1]}._tcp.{records_of}.{domain}:" in shown and reason in shown
     assert sink.received == []
+
+
+def test_an_mx_alias_uses_the_tlsa_records_of_the_expanded_name_first(inprocess_relay, resolver_port, mx, certs):
+    # The expanded name's records match the key; the alias's own (which match nothing) are not used.
+    sink = mx(certs.ee)
+    relay = dane_relay(inprocess_relay, resolver_port)
+    send(relay, "u@alias.dane.test")
+    assert sink.wait_for(1)[0].recipients == ["u@alias.dane.test"]
+
+
+def test_dane_ta_for_an_mx_alias_accepts_a_certificate_for_the_mx_host_name(inprocess_relay, resolver_port, mx,
+                                                                           certs):
+    sink = mx(certs.ta_alias)
+    relay = dane_relay(inprocess_relay, resolver_port)
+    send(relay, "u@aliasta.dane.test")
+    assert sink.wait_for(1)[0].recipients == ["u@aliasta.dane.test"]
 
 
 def test_tls_is_mandatory_with_tlsa_records(inprocess_relay, resolver_port, mx):

@@ -14,6 +14,10 @@ must match one of them:
   server's certificate up to it verifies, including validity dates and the host name (the MX host
   name, or the recipient domain).
 
+An MX host that is a CNAME alias (a validated chain) has two candidate TLSA base domains: the
+fully expanded name, tried first, and the MX host name, used when the expanded name has no
+validated records (RFC 7672 section 2.2.2, see ``security._host_tlsa``).
+
 Matching types: 0 (the whole DER), 1 (SHA-256) and 2 (SHA-512). Records with usage 0 or 1
 (PKIX) or other parameters are unusable in SMTP; a secure TLSA RRset with none usable still
 makes TLS mandatory, without authentication (Postfix's behaviour).
@@ -70,6 +74,7 @@ class TlsaAnswer:
     name: str
     records: tuple[Tlsa, ...] = ()
     error: str = ""
+    base: str = ""      # the TLSA base domain: the host name the records were looked up for
 
 
 def validating_resolver(base: dns.asyncresolver.Resolver) -> dns.asyncresolver.Resolver:
@@ -95,7 +100,7 @@ async def lookup_tlsa(resolver: dns.asyncresolver.Resolver, host: str, port: int
         return TlsaAnswer(name, error=f"TLSA lookup of {name} failed: {e}")
     if not answer.response.flags & dns.flags.AD:
         return TlsaAnswer(name)
-    return TlsaAnswer(name, tuple(Tlsa(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in answer))
+    return TlsaAnswer(name, tuple(Tlsa(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in answer), base=host)
 
 
 def peer_chain(ssl_object: ssl.SSLObject) -> list[bytes]:

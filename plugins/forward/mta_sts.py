@@ -192,7 +192,7 @@ class MtaSts:
 
     async def _fetch(self, domain: str) -> str:
         host = f"mta-sts.{domain}"
-        [(addresses, failure, _)] = await _lookup_addresses(self.resolver, [dns.name.from_text(host)])
+        [(addresses, failure, _, _)] = await _lookup_addresses(self.resolver, [dns.name.from_text(host)])
         if not addresses:
             raise FetchError(failure.message if failure else f"{host} has no address")
         error = FetchError(f"{host}: no address answered")

@@ -32,6 +32,9 @@ class MailHost:
     # DNSSEC: the resolver set the AD bit on the MX answer (or the implicit MX's denial) and on
     # this host's address answers. Only a resolver asked for AD (see dane.py) ever says so.
     secure: bool = False
+    # When ``name`` is a CNAME alias and the answers are secure: the fully expanded name, which
+    # DANE tries first as the TLSA base domain (RFC 7672 section 2.2.2); "" otherwise.
+    expanded: str = ""
 
 
 class MxError(Exception):
@@ -149,11 +152,11 @@ async def resolve_mail_hosts(resolver: dns.asyncresolver.Resolver, domain: str, 
     mx_secure = _authentic(answer.response)
 
     hosts = [MailHost(preferences[exchange], exchange.to_text(omit_final_dot=True), addresses,
-                      mx_secure and secure)
-             for exchange, (addresses, _, secure) in zip(order, looked_up) if addresses]
+                      mx_secure and secure, expanded if mx_secure and secure else "")
+             for exchange, (addresses, _, secure, expanded) in zip(order, looked_up) if addresses]
     if hosts:
         return hosts
-    failures = [failure for _, failure, _ in looked_up if failure is not None]
+    failures = [failure for _, failure, _, _ in looked_up if failure is not None]
     if failures:
         raise DnsTemporaryError(f"{shown}: no MX host could be resolved: {failures[0].message}")
     names = ", ".join(exchange.to_text(omit_final_dot=True) for exchange in order)
@@ -163,9 +166,9 @@ async def resolve_mail_hosts(resolver: dns.asyncresolver.Resolver, domain: str, 
 async def _implicit_mx(resolver: dns.asyncresolver.Resolver, name: dns.name.Name,
                        denial_secure: bool) -> list[MailHost]:
     shown = name.to_text(omit_final_dot=True)
-    [(addresses, failure, secure)] = await _lookup_addresses(resolver, [name])
+    [(addresses, failure, secure, expanded)] = await _lookup_addresses(resolver, [name])
     if addresses:
-        return [MailHost(0, shown, addresses, denial_secure and secure)]
+        return [MailHost(0, shown, addresses, denial_secure and secure, expanded if denial_secure and secure else "")]
     if failure is not None:
         raise DnsTemporaryError(f"{shown}: no MX records, and {failure.message}")
     raise NoMailHosts(f"{shown}: neither MX nor address records", permanent=True, status="5.1.2")
@@ -176,36 +179,41 @@ def _authentic(response: dns.message.Message | None) -> bool:
 
 
 async def _lookup_addresses(resolver: dns.asyncresolver.Resolver, names: list[dns.name.Name]
-                            ) -> list[tuple[tuple[str, ...], DnsTemporaryError | None, bool]]:
-    """For each name: its addresses (maybe none), a temporary failure if a lookup had one, and
-    whether every address answer that has addresses was authentic (AD bit)."""
+                            ) -> list[tuple[tuple[str, ...], DnsTemporaryError | None, bool, str]]:
+    """For each name: its addresses (maybe none), a temporary failure if a lookup had one,
+    whether every address answer that has addresses was authentic (AD bit), and the name the
+    answers' CNAME chain ends at when it is not the name itself (else "")."""
     async with asyncio.TaskGroup() as group:
         tasks = [(group.create_task(_lookup(resolver, name, "AAAA")),
                   group.create_task(_lookup(resolver, name, "A"))) for name in names]
     results = []
-    for ipv6_task, ipv4_task in tasks:
+    for name, (ipv6_task, ipv4_task) in zip(names, tasks):
         answers = ipv6_task.result(), ipv4_task.result()
         failure = next((r for r in answers if isinstance(r, DnsTemporaryError)), None)
+        found = [r for r in answers if not isinstance(r, DnsTemporaryError) and r[0]]
         ipv6, ipv4 = ([] if isinstance(r, DnsTemporaryError) else r[0] for r in answers)
         # A failed lookup does not make the host insecure: blocking AAAA must not switch DANE off.
-        secure = all(r[1] for r in answers if not isinstance(r, DnsTemporaryError) and r[0])
+        secure = all(r[1] for r in found)
+        expanded = next((r[2] for r in found if r[2] != name), None)
         alternating = [a for pair in zip(ipv6, ipv4) for a in pair]
         longer = ipv6 if len(ipv6) > len(ipv4) else ipv4
-        results.append((tuple(alternating + longer[len(alternating) // 2:]), failure, secure))
+        results.append((tuple(alternating + longer[len(alternating) // 2:]), failure, secure,
+                        expanded.to_text(omit_final_dot=True).lower() if expanded is not None else ""))
     return results
 
 
 async def _lookup(resolver: dns.asyncresolver.Resolver, name: dns.name.Name, rdtype: str
-                  ) -> tuple[list[str], bool] | DnsTemporaryError:
-    """Addresses of one type and whether the answer was authentic: none for NXDOMAIN or no
-    records; a temporary failure as a value."""
+                  ) -> tuple[list[str], bool, dns.name.Name] | DnsTemporaryError:
+    """Addresses of one type, whether the answer was authentic, and the owner name of the
+    addresses (``name`` itself unless it is an alias): none for NXDOMAIN or no records; a
+    temporary failure as a value."""
     try:
         answer = await resolver.resolve(name, rdtype)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-        return [], False
+        return [], False, name
     except dns.exception.DNSException as e:
         return DnsTemporaryError(f"{rdtype} lookup of {name.to_text(omit_final_dot=True)} failed: {e}")
-    return [record.address for record in answer], _authentic(answer.response)
+    return [record.address for record in answer], _authentic(answer.response), answer.canonical_name
 
 
 def _address_literal(domain: str) -> str | None:

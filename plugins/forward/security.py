@@ -73,7 +73,7 @@ class TransportSecurity:
         if resolver is None:
             return [None] * len(hosts)
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(lookup_tlsa(resolver, host.name, port)) if host.secure else None
+            tasks = [group.create_task(_host_tlsa(resolver, host, port)) if host.secure else None
                      for host in hosts]
         return [task.result() if task is not None else None for task in tasks]
 
@@ -89,7 +89,11 @@ class TransportSecurity:
             source = f"DANE TLSA records of {answer.name}"
             if not usable:  # RFC 7672 section 2.2: still encrypted, nothing to authenticate with
                 return TlsRequirement("encrypt", host.name, source=source + " (none usable)")
-            return TlsRequirement("dane", host.name, (domain,), usable, source)
+            # The TLSA base domain is the name the server should answer for (and the SNI); the
+            # MX host name and the recipient domain are accepted too (RFC 7672 section 3.2.2).
+            base = answer.base or host.name
+            others = tuple(dict.fromkeys(n for n in (host.name, domain) if n != base))
+            return TlsRequirement("dane", base, others, usable, source)
         if policy is None:
             return TlsRequirement(name=host.name)
         source = f"MTA-STS policy of {domain} (mode {policy.mode}, id {policy.id})"
@@ -101,3 +105,13 @@ class TransportSecurity:
             excluded.append(f"MX host {host.name}: not in the {source}, which allows only mx {', '.join(policy.mx)}")
             return None
         return TlsRequirement("verify", host.name, source=source, testing=policy.mode == "testing")
+
+
+async def _host_tlsa(resolver: dns.asyncresolver.Resolver, host: MailHost, port: int) -> TlsaAnswer:
+    """RFC 7672 section 2.2.2: for an alias (secure CNAME chain), the expanded name's TLSA
+    records if it has secure ones, else the MX host name's."""
+    if host.expanded:
+        answer = await lookup_tlsa(resolver, host.expanded, port)
+        if answer.records or answer.error:
+            return answer
+    return await lookup_tlsa(resolver, host.name, port)
