@@ -223,6 +223,25 @@ def remove_socket_file(sock: socket.socket) -> None:
         pass
 
 
+def client_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A peer address as an ``ipaddress`` object (zone removed, IPv4-mapped unwrapped); None for
+    a peer without an IP address (a Unix socket) or text that is not an address."""
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def in_networks(peer_ip: str, networks: "tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]") -> bool:
+    """Is ``peer_ip`` in one of ``networks``? No address at all (a Unix-socket client, a message
+    the relay made itself) counts as 127.0.0.1."""
+    address = client_address(peer_ip or "127.0.0.1")
+    return address is not None and any(address in network for network in networks)
+
+
 def is_inet(sock: socket.socket) -> bool:
     return sock.family in (socket.AF_INET, socket.AF_INET6)
 

@@ -36,6 +36,7 @@ from typing import Any, Iterable, Union
 from mailrelay_sdk import Recipient, Session, Verdict, hookimpl
 
 from mailrelay.config.loader import ConfigError
+from mailrelay.net import in_networks
 
 log = logging.getLogger("mailrelay.relay_control")
 
@@ -129,13 +130,7 @@ class RelayPolicy:
     def trusts(self, peer_ip: str) -> bool:
         """Is a client at ``peer_ip`` in the relay networks? A Unix-socket client (no address)
         counts as 127.0.0.1."""
-        try:
-            ip = ipaddress.ip_address(peer_ip.split("%")[0] or "127.0.0.1")
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self.networks)
+        return in_networks(peer_ip, self.networks)
 
     def is_local_domain(self, address: str) -> bool:
         local, at, domain = address.rpartition("@")

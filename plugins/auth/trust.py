@@ -18,20 +18,11 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from mailrelay.net import client_address
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def parse_client_address(text: str) -> IPAddress | None:
-    """The client's address as an ``ipaddress`` object (zone removed, IPv4-mapped unwrapped);
-    None for a peer without an IP address (a Unix socket)."""
-    try:
-        address = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+parse_client_address = client_address  # zone removed, IPv4-mapped unwrapped; None without an IP
 
 
 def parse_address_range(text: str) -> IPNetwork:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mailrelay.config.loader import ConfigError
+from mailrelay.net import in_networks
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -200,13 +201,7 @@ def trusted_networks(own: tuple[Network, ...], relay: Any) -> tuple[Network, ...
 def is_trusted(peer_ip: str, networks: tuple[Network, ...]) -> bool:
     """Is ``peer_ip`` in ``networks``? No address (a Unix socket, a message the relay made
     itself) counts as 127.0.0.1, as relay control counts it."""
-    try:
-        ip = ipaddress.ip_address(peer_ip.split("%")[0] or "127.0.0.1")
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in networks)
+    return in_networks(peer_ip, networks)
 
 
 def _header_name(text: str, where: str) -> str:
