@@ -72,14 +72,18 @@ def read_proc_status(pid: int, key: str) -> int:
     raise BenchError(f"/proc/{pid}/status has no {key}")
 
 
-def probe_file_creation(directory: Path, files: int = 200, size: int = 4096) -> float:
+def probe_file_creation(directory: Path, keep_in: Path, files: int = 200, size: int = 4096) -> float:
     """Microseconds (wall) to create, write and close one file in ``directory``, just now.
 
-    The probe files go into the directory itself (and are removed again): on ext4 what a file
-    creation costs depends on the block group its directory's inodes come from, so a probe in a
-    sub-directory could measure somewhere else.
+    The probe files go into the directory itself: on ext4 what a file creation costs depends on
+    the block group its directory's inodes come from, so a probe in a sub-directory could measure
+    somewhere else. They are then moved to ``keep_in``, not removed: without a journal (this
+    VM's root file system) ext4 skips every inode freed in the last minute (five, while its inode
+    table block is dirty) on each later allocation in the group, scanning from the group's
+    start, so 200 removed probe files made every file the server created next cost twice as much.
     """
     data = b"x" * size
+    keep_in.mkdir(exist_ok=True)
     paths = [directory / f".fs-probe-{i}" for i in range(files)]
     started = time.perf_counter()
     for path in paths:
@@ -88,7 +92,7 @@ def probe_file_creation(directory: Path, files: int = 200, size: int = 4096) -> 
         os.close(fd)
     elapsed = time.perf_counter() - started
     for path in paths:
-        path.unlink()
+        path.rename(keep_in / path.name)
     return elapsed * 1e6 / files
 
 
@@ -105,9 +109,11 @@ def spread_directories(root: Path) -> bool:
 class Placement:
     """Fresh store directories where creating a file costs what it costs on a clean file system.
 
-    On an aged ext4 (this VM's root file system) creating a file costs about 30 us in a block
-    group with contiguous free inodes and 400-900 us in a fragmented one: a server's figure would
-    depend on where its fresh directory happened to land. With ``clean`` placement each store is
+    On an ext4 without a journal (this VM's root file system) creating a file costs about 30 us
+    in a block group with untouched free inodes and 400-900 us in one where thousands of files
+    were removed in the last few minutes (by an earlier benchmark, say; see
+    :func:`probe_file_creation`): a server's figure would depend on where its fresh directory
+    happened to land. With ``clean`` placement each store is
     probed where it is and, when it is more than three times slower than the fastest store seen
     (and over ``SLOW_US``), set aside (kept until the end, so the next try lands elsewhere) and
     another is made; ``any`` takes the first directory, as before.
@@ -129,7 +135,7 @@ class Placement:
             workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=self.root))
             store = workdir / store_name
             store.mkdir()
-            create_us = probe_file_creation(store)
+            create_us = probe_file_creation(store, workdir / "probe")
             slow = create_us > max(self.SLOW_US, 3 * self.best)
             if self.mode != "clean" or not slow or rejected + 1 >= self.TRIES:
                 self.best = min(self.best, create_us)
@@ -523,8 +529,8 @@ def main() -> int:
                 for server_name in order:
                     result, server = flood(server_name, generator, repeat, args, placement)
                     floods.append(result)
-                    if not args.keep:
-                        shutil.rmtree(server.workdir, ignore_errors=True)
+                    # Every store stays until the end: removing 10,000 files here would slow file
+                    # creation in the next runs' stores (see probe_file_creation).
                     state = f"INVALID: {result.problem}" if result.problem else "ok"
                     latency = (f"p50_ms={_fmt(result.p50_ms)} p99_ms={_fmt(result.p99_ms)} "
                                if generator == "loadgen" else "")
