@@ -88,6 +88,26 @@ def test_a_slow_but_complete_client_is_served(inprocess_relay):
         assert wire.cmd("QUIT")[0] == 221
 
 
+def test_back_to_back_slow_commands_each_get_their_own_deadline(inprocess_relay):
+    # The second line starts before the first one's deadline and ends after it: its own
+    # deadline, a second after its first octet, is the one that counts.
+    relay = inprocess_relay(config={"smtp": {"command_timeout": 1, "idle_timeout": 30}})
+    with _greeted(relay.port) as wire:
+        started = time.monotonic()
+        wire.send(b"EHLO slow.exa")
+        time.sleep(0.4)
+        wire.send(b"mple.test\r\n")
+        assert wire.reply()[0] == 250
+        time.sleep(0.2)
+        line = b"MAIL FROM:<a@example.test>\r\n"
+        for piece in (line[:4], line[4:12], line[12:]):
+            wire.send(piece)
+            time.sleep(0.35)
+        assert time.monotonic() - started > 1.2  # past the first line's deadline
+        assert wire.reply()[0] == 250
+        assert wire.cmd("QUIT")[0] == 221
+
+
 def test_message_data_trickled_too_slowly_is_dropped_and_not_spooled(inprocess_relay):
     relay = inprocess_relay(config={"smtp": {"command_timeout": 1, "min_data_rate": 500}})
     with _greeted(relay.port) as wire:

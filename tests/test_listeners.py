@@ -43,6 +43,21 @@ def test_idle_client_is_told_421_and_disconnected(inprocess_relay):
         assert 0.8 < time.monotonic() - started < 10
 
 
+def test_a_client_that_keeps_talking_outlives_the_idle_timeout_and_is_timed_from_its_last_command(
+        inprocess_relay):
+    relay = inprocess_relay(config={"smtp": {"idle_timeout": 1}})
+    with Wire(relay.port) as w:
+        w.greet()
+        started = time.monotonic()
+        while time.monotonic() - started < 3:  # three idle timeouts, never a second idle
+            assert w.cmd("NOOP")[0] == 250
+            time.sleep(0.5)
+        last = time.monotonic()
+        code, text = w.reply()
+        assert (code, text.split()[0]) == (421, "4.4.2")
+        assert 0.5 < time.monotonic() - last < 5
+
+
 def test_trace_hooks_logs_every_hook_call(relay_process):
     relay = relay_process("--plugins", "eventlog", env={"MAILRELAY_TRACE_HOOKS": "1"})
     with smtplib.SMTP("127.0.0.1", relay.port) as client:

@@ -38,17 +38,16 @@ class ParsedPath:
 def parse_command_path(arg: str | None, keyword: str, *, strict: bool = True,
                        allow_null: bool = False) -> ParsedPath:
     """Parse ``FROM:<addr> PARAMS`` (keyword ``FROM:``) or ``TO:<addr> PARAMS``."""
-    syntax = AddressError(f"501 5.5.4 Syntax: {'MAIL FROM' if keyword == 'FROM:' else 'RCPT TO'}:<address>")
     if not arg or arg[: len(keyword)].upper() != keyword:
-        raise syntax
+        raise _syntax_error(keyword)
     rest = arg[len(keyword):].lstrip(" ")
     if rest.startswith("<"):
         end = _closing_bracket(rest)
         if end < 0:
-            raise syntax
+            raise _syntax_error(keyword)
         inner, tail = rest[1:end], rest[end + 1:]
         if tail and not tail.startswith(" "):
-            raise syntax
+            raise _syntax_error(keyword)
         if end + 1 > MAX_PATH:
             raise AddressError("501 5.1.3 Path too long (RFC 5321 allows 256 octets)")
     elif strict:
@@ -63,9 +62,13 @@ def parse_command_path(arg: str | None, keyword: str, *, strict: bool = True,
     if inner.startswith("@"):  # obsolete source route: "@a,@b:user@c" (RFC 5321 C)
         route, sep, inner = inner.partition(":")
         if not sep:
-            raise syntax
+            raise _syntax_error(keyword)
     address, non_ascii = normalise_mailbox(inner, allow_postmaster=keyword == "TO:")
     return ParsedPath(address, params, non_ascii)
+
+
+def _syntax_error(keyword: str) -> AddressError:
+    return AddressError(f"501 5.5.4 Syntax: {'MAIL FROM' if keyword == 'FROM:' else 'RCPT TO'}:<address>")
 
 
 def _closing_bracket(text: str) -> int:

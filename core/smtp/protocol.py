@@ -85,7 +85,9 @@ class RelaySMTP(SmtpTls, SmtpAuth, DataReader, CommandDeadline, ProxyHeader, SMT
         self._lost = False
         self._refused = False
         self._reading_data = False
-        self._command_deadline: asyncio.TimerHandle | None = None
+        self._command_due: float | None = None   # when the command line being read must be complete
+        self._command_timer: asyncio.TimerHandle | None = None
+        self._idle_deadline = 0.0
         self.counted_as: str | None = None  # the address the server counts this session under
         self._handle_hooks["PROXY"] = self._proxy_header
 
@@ -123,7 +125,7 @@ class RelaySMTP(SmtpTls, SmtpAuth, DataReader, CommandDeadline, ProxyHeader, SMT
         if self._lost:
             return
         self._lost = True
-        self._stop_command_deadline()
+        self._cancel_command_timer()
         self.server.session_ended(self)
         super().connection_lost(error)
 
@@ -134,7 +136,7 @@ class RelaySMTP(SmtpTls, SmtpAuth, DataReader, CommandDeadline, ProxyHeader, SMT
         plain_readuntil = reader.readuntil
 
         async def readuntil(separator: bytes = b"\r\n") -> bytes:
-            if reader._buffer and self._command_deadline is None:  # type: ignore[attr-defined]
+            if reader._buffer and self._command_due is None:  # type: ignore[attr-defined]
                 self._start_command_deadline()  # a partial line left over from a pipelined batch
             line = await plain_readuntil(separator)
             self._stop_command_deadline()
