@@ -78,7 +78,7 @@ def probe_file_creation(directory: Path, keep_in: Path, files: int = 200, size: 
     The probe files go into the directory itself: on ext4 what a file creation costs depends on
     the block group its directory's inodes come from, so a probe in a sub-directory could measure
     somewhere else. They are then moved to ``keep_in``, not removed: without a journal (this
-    VM's root file system) ext4 skips every inode freed in the last minute (five, while its inode
+    VM's root file system) ext4 skips every inode freed in the last minute (longer while its inode
     table block is dirty) on each later allocation in the group, scanning from the group's
     start, so 200 removed probe files made every file the server created next cost twice as much.
     """
