@@ -35,30 +35,35 @@ def held() -> HeldSyscalls:
     return calls
 
 
+def write(path: Path, parts: list[bytes], calls, *, replace: bool = False) -> None:
+    committer_module._write_file(committer_module.FileWrite(str(path), parts, replace=replace), calls)
+
+
 def test_held_writes_create_the_same_file_the_os_calls_do(tmp_path: Path, held: HeldSyscalls):
     parts = [b"Received: from a\r\n", b"", b"Subject: x\r\n\r\n" + b"\xe2\x82\xac body\r\n" * 500]
-    held.write_file(str(tmp_path / "held"), parts, mode=0o660)
-    committer_module._write_file(committer_module.FileWrite(str(tmp_path / "os"), parts))
+    write(tmp_path / "held", parts, held)
+    write(tmp_path / "os", parts, os)
     assert (tmp_path / "held").read_bytes() == (tmp_path / "os").read_bytes() == b"".join(parts)
+    modes = {stat.S_IMODE((tmp_path / name).stat().st_mode) for name in ("held", "os")}
     umask = os.umask(0)
     os.umask(umask)
-    assert stat.S_IMODE((tmp_path / "held").stat().st_mode) == 0o660 & ~umask
+    assert modes == {committer_module.FILE_MODE & ~umask}
 
 
 def test_held_writes_fail_like_os_calls_with_the_errno_and_path(tmp_path: Path, held: HeldSyscalls):
     target = tmp_path / "exists"
     target.write_bytes(b"old")
     with pytest.raises(OSError) as excinfo:
-        held.write_file(str(target), [b"new"])
+        write(target, [b"new"], held)
     assert excinfo.value.errno == errno.EEXIST
     assert excinfo.value.filename == str(target)
     assert target.read_bytes() == b"old"  # exclusive creation never touches an existing file
 
-    held.write_file(str(target), [b"replaced"], replace=True)
+    write(target, [b"replaced"], held, replace=True)
     assert target.read_bytes() == b"replaced"
 
     with pytest.raises(FileNotFoundError):
-        held.write_file(str(tmp_path / "no-such-dir" / "f"), [b"x"])
+        write(tmp_path / "no-such-dir" / "f", [b"x"], held)
     with pytest.raises(FileNotFoundError):
         held.rename(str(tmp_path / "missing"), str(tmp_path / "elsewhere"))
     held.rename(str(target), str(tmp_path / "moved"))

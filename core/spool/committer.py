@@ -28,7 +28,8 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from types import ModuleType
+from typing import Callable, Literal, Sequence, Union
 
 from .commit_marker import PublishState, checksum, marked
 from .held_syscalls import HeldSyscalls, local_file_system
@@ -36,6 +37,7 @@ from .held_syscalls import HeldSyscalls, local_file_system
 log = logging.getLogger("mailrelay.spool")
 
 SyncMethod = Literal["syncfs", "fsync"]
+FileCalls = Union[ModuleType, HeldSyscalls]  # os, or the same calls keeping the GIL
 FILE_MODE = 0o660  # E-MailRelay's spool files are group read/write, so filters in the group can edit them
 # Seconds the worker waits for another batch before it persists answered renames on its own: a
 # flood's next batch comes sooner and carries them, so the flood pays no flush of its own for them.
@@ -210,6 +212,7 @@ class GroupCommitter:
         self.batches += 1
         self.jobs += len(batch)
         held = self._held_for(batch)
+        calls: FileCalls = os if held is None else held
         started = time.monotonic()
         errors: dict[int, BaseException] = {}
         written: dict[int, list[str]] = {}
@@ -219,10 +222,7 @@ class GroupCommitter:
                 if job.seal is not None and self.durable:
                     _seal(job, job.seal)
                 for w in job.writes:
-                    if held is None:
-                        _write_file(w)
-                    else:
-                        held.write_file(w.path, w.parts, replace=w.replace, mode=FILE_MODE)
+                    _write_file(w, calls)
                     written[i].append(w.path)
             except OSError as e:
                 errors[i] = e
@@ -236,13 +236,12 @@ class GroupCommitter:
                     errors[i] = e
                 ok = []
         started = time.monotonic()
-        rename = os.rename if held is None else held.rename
         renamed: dict[int, list[tuple[str, str]]] = {}
         for i in ok:
             renamed[i] = []
             try:
                 for src, dst in batch[i].renames:
-                    rename(src, dst)
+                    calls.rename(src, dst)
                     renamed[i].append((src, dst))
             except OSError as e:
                 errors[i] = e
@@ -361,23 +360,25 @@ def _seal(job: Job, seal: Seal) -> None:
         job.flush.remove(seal.envelope_path)
 
 
-def _write_file(w: FileWrite) -> None:
+def _write_file(w: FileWrite, calls: FileCalls = os) -> None:
+    """Create (or, when ``w.replace``, overwrite) ``w.path`` through ``calls``: the os module, or
+    the GIL-keeping calls of the same names. A file not written whole is removed."""
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if w.replace else os.O_EXCL)
-    fd = os.open(w.path, flags | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
+    fd = calls.open(w.path, flags | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
     try:
         parts = [p for p in w.parts if p]
         total = sum(len(p) for p in parts)
-        done = os.writev(fd, parts) if parts else 0
+        done = calls.writev(fd, parts) if parts else 0
         if done != total:  # a short write: finish it the slow way
             data = b"".join(parts)[done:]
             while data:
-                n = os.write(fd, data)
+                n = calls.write(fd, data)
                 data = data[n:]
     except OSError:
-        os.close(fd)
+        calls.close(fd)
         _unlink_quietly(w.path)
         raise
-    os.close(fd)
+    calls.close(fd)
 
 
 def _undo(written: list[str], renamed: list[tuple[str, str]]) -> None:

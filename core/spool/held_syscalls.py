@@ -19,7 +19,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 # File systems whose metadata operations are served from memory and local disk; anything else
 # (NFS, CIFS, FUSE, Ceph, ...) may wait on the network and keeps the GIL-releasing os calls.
@@ -28,15 +28,15 @@ LOCAL_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", 
 
 
 class HeldSyscalls:
-    """``open``/``write``/``close``/``rename``/``unlink`` of the C library, called without
-    releasing the GIL. Errors are raised as :class:`OSError` with the call's ``errno``."""
+    """``open``, ``writev``, ``write``, ``close`` and ``rename`` with the signatures and errors of
+    the :mod:`os` functions of those names (the committer calls either), from the C library,
+    called without releasing the GIL."""
 
     def __init__(self, libc: ctypes.PyDLL):
         self._open = _function(libc, "open", ctypes.c_int, [ctypes.c_char_p, ctypes.c_int, ctypes.c_uint])
         self._write = _function(libc, "write", ctypes.c_ssize_t, [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t])
         self._close = _function(libc, "close", ctypes.c_int, [ctypes.c_int])
         self._rename = _function(libc, "rename", ctypes.c_int, [ctypes.c_char_p, ctypes.c_char_p])
-        self._unlink = _function(libc, "unlink", ctypes.c_int, [ctypes.c_char_p])
 
     @classmethod
     def load(cls) -> HeldSyscalls | None:
@@ -46,41 +46,24 @@ class HeldSyscalls:
         except (OSError, AttributeError):
             return None
 
-    def write_file(self, path: str, parts: Sequence[bytes], *, replace: bool = False, mode: int = 0o600) -> None:
-        """Create ``path`` (exclusively, or truncating it when ``replace``) holding ``parts``.
-        A file that could not be written whole is removed before the error is raised."""
+    def open(self, path: str, flags: int, mode: int = 0o777) -> int:
         name = os.fsencode(path)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if replace else os.O_EXCL)
-        fd = self._retry(lambda: self._open(name, flags, mode), path)
-        try:
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
-            while data:
-                done = self._retry(lambda: self._write(fd, data, len(data)), path)
-                if done == 0:  # no progress and no error: do not spin
-                    raise OSError(errno.EIO, os.strerror(errno.EIO), path)
-                data = data[done:]  # a short write (a nearly full disk): the rest, then the error
-        except BaseException:
-            self._close(fd)
-            self._unlink(name)
-            raise
-        if self._close(fd) != 0:  # a local file system reports a failed write here at the latest
-            error = _last_error(path)
-            self._unlink(name)
-            raise error
+        return _retry(lambda: self._open(name, flags, mode), path)
+
+    def writev(self, fd: int, parts: Sequence[bytes]) -> int:
+        # Joined: the committer keeps these calls for batches small enough to copy.
+        return self.write(fd, parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def write(self, fd: int, data: bytes) -> int:
+        return _retry(lambda: self._write(fd, data, len(data)), None)
+
+    def close(self, fd: int) -> None:
+        if self._close(fd) != 0:  # never retried: on Linux the descriptor is gone either way
+            raise _last_error(None)
 
     def rename(self, src: str, dst: str) -> None:
         if self._rename(os.fsencode(src), os.fsencode(dst)) != 0:
             raise _last_error(src)
-
-    @staticmethod
-    def _retry(call, path: str) -> int:
-        while True:
-            result = call()
-            if result >= 0:
-                return result
-            error = _last_error(path)
-            if error.errno != errno.EINTR:
-                raise error
 
 
 def local_file_system(path: str, mountinfo: str | None = None) -> bool:
@@ -122,6 +105,17 @@ def _function(libc: ctypes.PyDLL, name: str, restype: type, argtypes: list[type]
     return fn
 
 
-def _last_error(path: str) -> OSError:
+def _retry(call: Callable[[], int], path: str | None) -> int:
+    """``call()``'s result, called again after EINTR; an error as OSError."""
+    while True:
+        result = call()
+        if result >= 0:
+            return result
+        error = _last_error(path)
+        if error.errno != errno.EINTR:
+            raise error
+
+
+def _last_error(path: str | None) -> OSError:
     code = ctypes.get_errno()
     return OSError(code, os.strerror(code), path)
