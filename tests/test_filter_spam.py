@@ -42,7 +42,10 @@ def test_spam_is_rejected_with_550_and_the_score(relay_process, spamd):
     relay = relay_process("--filter", f"spam:{spamd.address}")
     code, text = send(relay, SPAM)
     assert code == 550
-    assert text.startswith("5.7.1 Message looks like spam (score 10") and text.endswith("/5.0)")
+    match = re.fullmatch(r"5\.7\.1 Message looks like spam \(score (-?[0-9.]+)/5\.0\)", text)
+    assert match, text
+    # GTUBE scores 1000; the other rules that fire move it a little either way (999.0 seen).
+    assert float(match.group(1)) > 900
     assert spooled(relay) == []
     wait_until(lambda: re.search(r"reason='spamd score [0-9.]+/5.0 tests=[A-Z0-9_,]*GTUBE", relay.log),
                what="the rules in the log")
